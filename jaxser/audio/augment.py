@@ -11,7 +11,8 @@ Speed first because it changes the length every later transform respects; noise 
 its SNR is measured against the signal the model will actually hear.
 
 All transforms are computed for the whole batch and selected per example with
-`jnp.where`, so the cost does not depend on the probabilities (static shapes, no branches).
+`jnp.where` (static shapes, no branches), so the cost does not depend on the probabilities,
+except that XLA compiles a transform with probability 0 away entirely.
 """
 
 from __future__ import annotations
