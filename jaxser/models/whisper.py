@@ -1,0 +1,415 @@
+"""Flax port of the Whisper audio encoder (transformers' PyTorch `WhisperEncoder`).
+
+Layout choices for speed: time-major NWC features `[batch, frames, num_mel]` (NWC convolution
+is the fast one on CPU), q/k/v projected straight to `[batch, length, heads, head_dim]` by
+`DenseGeneral`, attention through `jaxser.models.attention` (einsum on CPU, cuDNN on GPU).
+
+Two input modes:
+- 30 s mode (`variable_length=False`): exactly `2 * max_source_positions` frames, numerically
+  the HF model (with `mask_attention=False`, padding is attended to, as in original Whisper).
+- variable length (`variable_length=True`): any number of frames up to
+  `2 * max_source_positions`; positional embeddings are cut to the output length. With
+  `mask_attention=True` padded frames are zeroed before each convolution and masked as
+  attention keys, so an utterance inside a padded batch gives the same valid hidden states as
+  the utterance alone.
+
+Parameter tree (names follow HF so conversion is mechanical; freeze the stem with `conv1/**`,
+`conv2/**` and, as HF does, `embed_positions`):
+    conv1/{kernel,bias}  conv2/{kernel,bias}  embed_positions
+    layers_{i}/self_attn/{q_proj,k_proj,v_proj,out_proj}/{kernel[,bias]}
+    layers_{i}/{self_attn_layer_norm,final_layer_norm}/{scale,bias}
+    layers_{i}/{fc1,fc2}/{kernel,bias}  layer_norm/{scale,bias}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxser.models.attention import dot_product_attention
+from jaxser.models.outputs import EncoderOutput
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_ATTENTION = ("auto", "einsum", "xla", "cudnn")
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+        "gelu": functools.partial(jax.nn.gelu, approximate=False),
+        "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+        "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+        "relu": jax.nn.relu,
+        "silu": jax.nn.silu,
+        "swish": jax.nn.silu,
+}
+
+# Fields shared with transformers' WhisperConfig (encoder side), in from_hf/to_hf.
+_HF_FIELDS = (
+        "num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
+        "max_source_positions", "activation_function", "dropout", "attention_dropout",
+        "activation_dropout", "init_std",
+)
+
+# Real encoder sizes (HF field names), for benchmarks and random initialisation.
+WHISPER_SIZES: dict[str, dict[str, Any]] = {
+        "whisper-tiny": dict(num_mel_bins=80, d_model=384, encoder_layers=4,
+                             encoder_attention_heads=6, encoder_ffn_dim=1536),
+        "whisper-base": dict(num_mel_bins=80, d_model=512, encoder_layers=6,
+                             encoder_attention_heads=8, encoder_ffn_dim=2048),
+        "whisper-small": dict(num_mel_bins=80, d_model=768, encoder_layers=12,
+                              encoder_attention_heads=12, encoder_ffn_dim=3072),
+        "whisper-medium": dict(num_mel_bins=80, d_model=1024, encoder_layers=24,
+                               encoder_attention_heads=16, encoder_ffn_dim=4096),
+        "whisper-large-v3": dict(num_mel_bins=128, d_model=1280, encoder_layers=32,
+                                 encoder_attention_heads=20, encoder_ffn_dim=5120),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class WhisperConfig:
+    """Whisper encoder hyper-parameters (HF names) plus jaxser's compute options."""
+
+    num_mel_bins: int = 80
+    d_model: int = 384
+    encoder_layers: int = 4
+    encoder_attention_heads: int = 6
+    encoder_ffn_dim: int = 1536
+    max_source_positions: int = 1500
+    activation_function: str = "gelu"
+    dropout: float = 0.0  # after attention and after the MLP (HF `dropout`)
+    attention_dropout: float = 0.0  # kept for round trips; NOT applied (0 in all releases)
+    activation_dropout: float = 0.0  # inside the MLP
+    init_std: float = 0.02  # normal init of kernels for random initialisation
+    layer_norm_eps: float = 1e-5  # torch.nn.LayerNorm default, used by HF Whisper
+    # jaxser options
+    dtype: str = "float32"  # compute dtype: "float32" | "bfloat16"
+    param_dtype: str = "float32"
+    remat: bool = False  # rematerialise each layer in the backward pass
+    attention: str = "auto"  # "auto" | "einsum" | "xla" | "cudnn"
+    variable_length: bool = False  # accept fewer than 2 * max_source_positions frames
+    mask_attention: bool = False  # mask padded frames (False: attend to padding, as HF)
+
+    def __post_init__(self):
+        if self.d_model % self.encoder_attention_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by "
+                             f"encoder_attention_heads {self.encoder_attention_heads}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"{name} {getattr(self, name)!r} not in {sorted(_DTYPES)}")
+        if self.attention not in _ATTENTION:
+            raise ValueError(f"attention {self.attention!r} not in {_ATTENTION}")
+        if self.activation_function not in _ACTIVATIONS:
+            raise ValueError(f"activation_function {self.activation_function!r} not in "
+                             f"{sorted(_ACTIVATIONS)}")
+
+    @property
+    def head_dim(self) -> int:
+        """Size of one attention head."""
+        return self.d_model // self.encoder_attention_heads
+
+    @classmethod
+    def from_hf(cls, hf_config: dict[str, Any], **overrides: Any) -> WhisperConfig:
+        """Builds a config from a HF `config.json` dict; `overrides` set jaxser fields."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(overrides) - known)
+        if bad:
+            raise ValueError(f"unknown WhisperConfig fields: {bad}")
+        values = {k: hf_config[k] for k in _HF_FIELDS if hf_config.get(k) is not None}
+        return cls(**{**values, **overrides})
+
+    def to_hf(self) -> dict[str, Any]:
+        """A HF `WhisperConfig` dict; the (unused) decoder mirrors the encoder's sizes."""
+        out = {k: getattr(self, k) for k in _HF_FIELDS}
+        out.update(
+                model_type="whisper",
+                decoder_layers=self.encoder_layers,
+                decoder_attention_heads=self.encoder_attention_heads,
+                decoder_ffn_dim=self.encoder_ffn_dim,
+        )
+        return out
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
+    """Whisper's sinusoidal position table [length, channels] (HF `sinusoids`)."""
+    if channels % 2:
+        raise ValueError(f"channels must be even for sinusoids, got {channels}")
+    increment = math.log(max_timescale) / (channels // 2 - 1)
+    inv_timescales = np.exp(-increment * np.arange(channels // 2))
+    scaled = np.arange(length)[:, None] * inv_timescales[None, :]
+    return np.concatenate([np.sin(scaled), np.cos(scaled)], axis=1).astype(np.float32)
+
+
+def _sinusoid_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+    del key
+    return jnp.asarray(sinusoids(*shape), dtype)
+
+
+def _partitioned(init: Callable, axes: tuple[str, ...]) -> Callable:
+    return nn.with_logical_partitioning(init, axes)
+
+
+class _DenseGeneral(nn.Module):
+    """y = x . kernel + bias over the last len(kernel_axes) - len(features) input axes.
+
+    Flax's own DenseGeneral builds multi-axis kernels flat and reshapes them, which breaks the
+    logical sharding constraint of a [embed, heads, kv] kernel under a mesh; this one creates
+    the kernel in its final shape.
+    """
+
+    features: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    bias_axes: tuple[str, ...]
+    use_bias: bool = True
+    init_std: float = 0.02
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.kernel_axes) - len(self.features)
+        kernel = self.param(
+                "kernel", _partitioned(nn.initializers.normal(self.init_std), self.kernel_axes),
+                x.shape[-n_in:] + self.features, self.param_dtype)
+        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=n_in)
+        if self.use_bias:
+            bias = self.param("bias", _partitioned(nn.initializers.zeros_init(), self.bias_axes),
+                              self.features, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class _Modules:
+    """Factories for the config's layer types (dtype, init, logical axes in one place)."""
+
+    def __init__(self, cfg: WhisperConfig):
+        self.cfg = cfg
+        self.dtype = _DTYPES[cfg.dtype]
+        self.param_dtype = _DTYPES[cfg.param_dtype]
+        self.kernel = nn.initializers.normal(cfg.init_std)
+
+    def dense(self, features, kernel_axes, bias_axes, name, *, use_bias=True):
+        """Projection contracting the input's last axes with a logically partitioned kernel."""
+        features = (features,) if isinstance(features, int) else tuple(features)
+        return _DenseGeneral(
+                features, kernel_axes=kernel_axes, bias_axes=bias_axes, use_bias=use_bias,
+                init_std=self.cfg.init_std, dtype=self.dtype, param_dtype=self.param_dtype,
+                name=name)
+
+    def layer_norm(self, name):
+        """LayerNorm with torch's eps; statistics in float32."""
+        return nn.LayerNorm(
+                epsilon=self.cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                name=name,
+                scale_init=_partitioned(nn.initializers.ones_init(), ("embed",)),
+                bias_init=_partitioned(nn.initializers.zeros_init(), ("embed",)))
+
+    def conv(self, in_axis, stride, name):
+        """Kernel-3, padding-1 conv over time (NWC), as Whisper's stem."""
+        return nn.Conv(
+                self.cfg.d_model, kernel_size=(3,), strides=(stride,), padding=((1, 1),),
+                dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+                kernel_init=_partitioned(self.kernel, ("conv_kernel", in_axis, "embed")),
+                bias_init=_partitioned(nn.initializers.zeros_init(), ("embed",)))
+
+
+class WhisperAttention(nn.Module):
+    """Self-attention; k_proj has no bias (as in Whisper)."""
+
+    config: WhisperConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None) -> jax.Array:
+        cfg = self.config
+        mk = _Modules(cfg)
+        heads = (cfg.encoder_attention_heads, cfg.head_dim)
+        qkv_axes = ("embed", "heads", "kv")
+        q = mk.dense(heads, qkv_axes, ("heads", "kv"), "q_proj")(x)  # [B, T, H, D]
+        k = mk.dense(heads, qkv_axes, ("heads", "kv"), "k_proj", use_bias=False)(x)
+        v = mk.dense(heads, qkv_axes, ("heads", "kv"), "v_proj")(x)
+        q, k, v = (nn.with_logical_constraint(t, ("batch", "length", "heads", "kv"))
+                   for t in (q, k, v))
+        out = dot_product_attention(q, k, v, key_mask, cfg.attention)  # [B, T, H, D]
+        return mk.dense(cfg.d_model, ("heads", "kv", "embed"), ("embed",),
+                        "out_proj")(out)  # [B, T, E]
+
+
+class WhisperEncoderLayer(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + fc2(act(fc1(ln(x))))."""
+
+    config: WhisperConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None,
+                 deterministic: bool = True) -> jax.Array:
+        cfg = self.config
+        mk = _Modules(cfg)
+        h = mk.layer_norm("self_attn_layer_norm")(x)
+        h = WhisperAttention(cfg, name="self_attn")(h, key_mask)
+        x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        h = mk.layer_norm("final_layer_norm")(x)
+        h = mk.dense(cfg.encoder_ffn_dim, ("embed", "mlp"), ("mlp",), "fc1")(h)
+        h = _ACTIVATIONS[cfg.activation_function](h)
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))  # [B, T, F]
+        h = nn.Dropout(cfg.activation_dropout)(h, deterministic=deterministic)
+        h = mk.dense(cfg.d_model, ("mlp", "embed"), ("embed",), "fc2")(h)
+        x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class WhisperEncoder(nn.Module):
+    """Whisper's audio encoder: conv stem, positions, pre-LN layers, final layer norm."""
+
+    config: WhisperConfig
+
+    @nn.compact
+    def __call__(self, features: jax.Array, frame_mask: jax.Array | None = None, *,
+                 deterministic: bool = True) -> EncoderOutput:
+        """Encodes log-mel features.
+
+        Args:
+            features: [batch, frames, num_mel] log-mel features (time-major).
+            frame_mask: optional [batch, frames] bool, True on valid frames.
+            deterministic: False applies dropout (needs a 'dropout' rng).
+        Returns:
+            EncoderOutput: hidden_states (embeddings, then each layer; the last one layer-normed)
+            each [batch, ceil(frames / 2), d_model], and mask [batch, ceil(frames / 2)]
+            (output frame t is valid iff input frame 2t is, HF's length formula).
+        """
+        cfg = self.config
+        mk = _Modules(cfg)
+        batch, frames, num_mel = features.shape
+        out_len = (frames + 1) // 2
+        if num_mel != cfg.num_mel_bins:
+            raise ValueError(f"features have {num_mel} mel bins, config has {cfg.num_mel_bins}")
+        if not cfg.variable_length and frames != 2 * cfg.max_source_positions:
+            raise ValueError(f"Whisper expects {2 * cfg.max_source_positions} frames, got "
+                             f"{frames}; pad the input or set variable_length=True")
+        if out_len > cfg.max_source_positions:
+            raise ValueError(f"{frames} frames exceed the maximum "
+                             f"{2 * cfg.max_source_positions}")
+        if frame_mask is None:
+            frame_mask = jnp.ones((batch, frames), bool)
+        frame_mask = frame_mask.astype(bool)
+        valid = frame_mask[..., None]  # [B, frames, 1]
+        x = nn.with_logical_constraint(features.astype(mk.dtype), ("batch", "length", "num_mel"))
+        if cfg.mask_attention:
+            x = jnp.where(valid, x, 0)
+        x = jax.nn.gelu(mk.conv("num_mel", 1, "conv1")(x), approximate=False)
+        if cfg.mask_attention:
+            x = jnp.where(valid, x, 0)
+        x = jax.nn.gelu(mk.conv("channels", 2, "conv2")(x), approximate=False)  # [B, T, E]
+        mask = frame_mask[:, ::2]  # [B, T]
+        positions = self.param(
+                "embed_positions", _partitioned(_sinusoid_init, ("length", "embed")),
+                (cfg.max_source_positions, cfg.d_model), mk.param_dtype)
+        x = x + positions[:out_len].astype(mk.dtype)
+        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        key_mask = mask if cfg.mask_attention else None
+        layer_cls = (nn.remat(WhisperEncoderLayer, static_argnums=(3,)) if cfg.remat
+                     else WhisperEncoderLayer)
+        hidden = [x]
+        for i in range(cfg.encoder_layers):
+            x = layer_cls(cfg, name=f"layers_{i}")(x, key_mask, deterministic)
+            hidden.append(x)
+        hidden[-1] = mk.layer_norm("layer_norm")(x)
+        return EncoderOutput(hidden_states=tuple(hidden), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversion from / to PyTorch state dicts (encoder-relative keys: "conv1.weight", ...).
+
+
+def torch_shapes(config: WhisperConfig) -> dict[str, tuple[int, ...]]:
+    """Every key of a HF WhisperEncoder state dict with its shape."""
+    e, f, m = config.d_model, config.encoder_ffn_dim, config.num_mel_bins
+    shapes = {
+            "conv1.weight": (e, m, 3), "conv1.bias": (e,),
+            "conv2.weight": (e, e, 3), "conv2.bias": (e,),
+            "embed_positions.weight": (config.max_source_positions, e),
+            "layer_norm.weight": (e,), "layer_norm.bias": (e,),
+    }
+    for i in range(config.encoder_layers):
+        p = f"layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            shapes[f"{p}self_attn.{proj}.weight"] = (e, e)
+            if proj != "k_proj":
+                shapes[f"{p}self_attn.{proj}.bias"] = (e,)
+        for norm in ("self_attn_layer_norm", "final_layer_norm"):
+            shapes[f"{p}{norm}.weight"] = (e,)
+            shapes[f"{p}{norm}.bias"] = (e,)
+        shapes.update({f"{p}fc1.weight": (f, e), f"{p}fc1.bias": (f,),
+                       f"{p}fc2.weight": (e, f), f"{p}fc2.bias": (e,)})
+    return shapes
+
+
+def _layer_from_torch(sd: dict[str, np.ndarray], p: str, cfg: WhisperConfig) -> dict:
+    h, d, e = cfg.encoder_attention_heads, cfg.head_dim, cfg.d_model
+    attn = {}
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        attn[proj] = {"kernel": sd[f"{p}self_attn.{proj}.weight"].T.reshape(e, h, d)}
+        if proj != "k_proj":
+            attn[proj]["bias"] = sd[f"{p}self_attn.{proj}.bias"].reshape(h, d)
+    attn["out_proj"] = {"kernel": sd[f"{p}self_attn.out_proj.weight"].T.reshape(h, d, e),
+                        "bias": sd[f"{p}self_attn.out_proj.bias"]}
+    out = {"self_attn": attn}
+    for norm in ("self_attn_layer_norm", "final_layer_norm"):
+        out[norm] = {"scale": sd[f"{p}{norm}.weight"], "bias": sd[f"{p}{norm}.bias"]}
+    for fc in ("fc1", "fc2"):
+        out[fc] = {"kernel": sd[f"{p}{fc}.weight"].T, "bias": sd[f"{p}{fc}.bias"]}
+    return out
+
+
+def params_from_torch(state_dict: dict[str, np.ndarray], config: WhisperConfig) -> dict:
+    """Flax params (the 'params' collection, numpy arrays) of `WhisperEncoder` from HF weights.
+
+    Keys are encoder-relative ("conv1.weight", "layers.0.fc1.weight", ...); torch Linear
+    [out, in] becomes kernel [in, out] (q/k/v [embed, heads, head_dim], out_proj
+    [heads, head_dim, embed]); Conv1d [out, in, k] becomes the NWC kernel [k, in, out].
+    """
+    dtype = _DTYPES[config.param_dtype]
+    sd = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
+    params = {
+            "conv1": {"kernel": sd["conv1.weight"].transpose(2, 1, 0), "bias": sd["conv1.bias"]},
+            "conv2": {"kernel": sd["conv2.weight"].transpose(2, 1, 0), "bias": sd["conv2.bias"]},
+            "embed_positions": sd["embed_positions.weight"],
+            "layer_norm": {"scale": sd["layer_norm.weight"], "bias": sd["layer_norm.bias"]},
+    }
+    for i in range(config.encoder_layers):
+        params[f"layers_{i}"] = _layer_from_torch(sd, f"layers.{i}.", config)
+    return jax.tree.map(lambda a: np.ascontiguousarray(a, dtype), params)
+
+
+def params_to_torch(params: dict, config: WhisperConfig) -> dict[str, np.ndarray]:
+    """Inverse of `params_from_torch`: a HF encoder state dict of float32 numpy arrays."""
+    params = nn.meta.unbox(params)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+    e = config.d_model
+    sd = {"embed_positions.weight": p["embed_positions"],
+          "layer_norm.weight": p["layer_norm"]["scale"],
+          "layer_norm.bias": p["layer_norm"]["bias"]}
+    for conv in ("conv1", "conv2"):
+        sd[f"{conv}.weight"] = p[conv]["kernel"].transpose(2, 1, 0)
+        sd[f"{conv}.bias"] = p[conv]["bias"]
+    for i in range(config.encoder_layers):
+        layer, pre = p[f"layers_{i}"], f"layers.{i}."
+        attn = layer["self_attn"]
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            sd[f"{pre}self_attn.{proj}.weight"] = attn[proj]["kernel"].reshape(e, e).T
+            if proj != "k_proj":
+                sd[f"{pre}self_attn.{proj}.bias"] = attn[proj]["bias"].reshape(e)
+        sd[f"{pre}self_attn.out_proj.weight"] = attn["out_proj"]["kernel"].reshape(e, e).T
+        sd[f"{pre}self_attn.out_proj.bias"] = attn["out_proj"]["bias"]
+        for norm in ("self_attn_layer_norm", "final_layer_norm"):
+            sd[f"{pre}{norm}.weight"] = layer[norm]["scale"]
+            sd[f"{pre}{norm}.bias"] = layer[norm]["bias"]
+        for fc in ("fc1", "fc2"):
+            sd[f"{pre}{fc}.weight"] = layer[fc]["kernel"].T
+            sd[f"{pre}{fc}.bias"] = layer[fc]["bias"]
+    return {k: np.ascontiguousarray(v) for k, v in sd.items()}
