@@ -1,0 +1,55 @@
+"""Workdir guards: fail at start, not hours later, when it cannot be used."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+
+from jaxser.errors import JaxserError
+
+
+class WorkdirError(JaxserError):
+    """The workdir is unwritable, full, or in use by another job."""
+
+
+def check_writable(workdir: Path, min_free_bytes: int = 50_000_000) -> None:
+    """Creates the workdir and proves a file can be written and there is room."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_"):
+            pass
+    except OSError as e:
+        raise WorkdirError(f"workdir {workdir} is not writable: {e}") from e
+    free = os.statvfs(workdir).f_bavail * os.statvfs(workdir).f_frsize
+    if free < min_free_bytes:
+        raise WorkdirError(f"workdir {workdir} has only {free / 1e6:.1f} MB free")
+
+
+@contextlib.contextmanager
+def lock(workdir: Path) -> Iterator[None]:
+    """An exclusive lock on WORKDIR/.lock (process 0 of a job): a second job refuses."""
+    if jax.process_index() != 0:
+        yield
+        return
+    path = workdir / ".lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise WorkdirError(f"workdir {workdir} is in use by another job "
+                               f"(pid {f.read().strip() or '?'}); refusing to start") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
