@@ -10,6 +10,7 @@ fallback decoder, to keep worker start-up cheap.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -62,7 +63,9 @@ def _read_librosa(path: str, start: float | None, end: float | None) -> tuple[np
 
     offset = start or 0.0
     duration = None if end is None else max(end - offset, 0.0)
-    y, sr = librosa.load(path, sr=None, mono=False, offset=offset, duration=duration)
+    with warnings.catch_warnings():  # "PySoundFile failed", audioread deprecation
+        warnings.simplefilter("ignore")
+        y, sr = librosa.load(path, sr=None, mono=False, offset=offset, duration=duration)
     y = np.asarray(y, np.float32)
     return (y[:, None] if y.ndim == 1 else y.T), int(sr)
 

@@ -67,7 +67,7 @@ def normalize_name(name: Any) -> str:
     return re.sub(r"[\s\-]+", "_", str(name).strip().lower())
 
 
-def _read_structured(path: Path) -> Any:
+def read_structured(path: Path) -> Any:
     """Reads a JSON file, or YAML when the suffix says so and PyYAML is installed."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -169,7 +169,7 @@ def load_taxonomy(name_or_file: str | Path) -> Taxonomy:
             f"taxonomy {str(name_or_file)!r} is neither a built-in name "
             f"({', '.join(BUILTIN_TAXONOMIES)}) nor an existing JSON/YAML file"
         )
-    return _taxonomy_from_data(_read_structured(path), path.stem, str(path))
+    return _taxonomy_from_data(read_structured(path), path.stem, str(path))
 
 
 @dataclass(frozen=True)
@@ -251,7 +251,7 @@ def load_map(path: str | Path, taxonomy: Taxonomy) -> LabelMap:
     path = Path(path)
     if not path.is_file():
         raise MapError(f"map file {path} does not exist")
-    return map_from_data(_read_structured(path), taxonomy, str(path))
+    return map_from_data(read_structured(path), taxonomy, str(path))
 
 
 def builtin_map_names() -> list[str]:

@@ -20,8 +20,9 @@ Columns (names are matched case-insensitively, spaces and hyphens read as '_'):
 
 Aliases: `AudioID`/`audio_id`/`utt_id` -> id, `speaker ID`/`spk` -> speaker, `lang` -> language,
 `emotion` -> label, `file`/`filename`/`filepath`/`audio_path` -> path, `sex` -> gender (an alias
-applies only when the canonical column is absent). Speaker ids and utterance ids are
-namespaced by corpus (`corpus/speaker`, `corpus/id`) so corpora never collide.
+applies only when the canonical column is absent). Speaker ids are namespaced by corpus
+(`corpus/speaker`) so corpora never share a speaker; utterance ids are kept as given and must
+be unique within their corpus.
 
 Row numbers in rejected.csv count data records from 1 (the header is not a record).
 """
@@ -105,7 +106,7 @@ class Record:
 
     manifest: str
     row: int
-    id: str  # corpus/id
+    id: str  # as given (or derived from the path); unique within its corpus
     path: str  # resolved audio file
     shown_path: str  # the path as the manifest gives it (for rejected.csv)
     speaker: str  # corpus/speaker
@@ -430,7 +431,7 @@ def parse_records(m: Manifest) -> tuple[list[Record], list[Rejection]]:
         groups.update(attrs)
         split_value = _text(row.get(m.split_column)) if m.split_column else ""
         records.append(Record(
-            manifest=name, row=n, id=f"{corpus}/{ident}", path=resolved, shown_path=shown,
+            manifest=name, row=n, id=ident, path=resolved, shown_path=shown,
             speaker=f"{corpus}/{speaker}", corpus=corpus, groups=groups, attrs=attrs,
             start=start, end=end, label=label, split_value=split_value))
     return records, rejected

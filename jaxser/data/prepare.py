@@ -20,8 +20,12 @@ output (manifest bytes, every audio file's path, size and mtime, the taxonomy, t
 the options). When `out/dataset.json` has the same fingerprint and its shards exist, nothing
 is rewritten. Otherwise the new output is written into a temporary folder inside `out` and
 moved into place at the end, dataset.json last (its presence marks a complete data set);
-shards of the previous run are removed. A run whose every row is rejected writes
-rejected.csv and raises, leaving the rest of `out` as it was.
+shards of the previous run are removed, and so are temporary folders left by a killed run
+(so two runs must not write into the same folder at once). A run whose every row is rejected
+writes rejected.csv and raises, leaving the rest of `out` as it was.
+
+Decoding workers are spawned processes (safe after TensorFlow/JAX started threads): a script
+that calls `prepare(workers>0)` needs the usual `if __name__ == "__main__":` guard.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ UNKNOWN_SPLIT_VALUE = "unknown split value"
 MAX_GROUP_VALUES = 100
 # Names the shard writer owns in the output folder (removed when a run replaces them).
 _WRITER_FILES = ("dataset_info.json", "features.json")
+_TMP_PREFIX = ".prepare-"  # the temporary folder inside out/ a run writes into
 
 
 class PrepareError(ValueError):
@@ -74,7 +79,7 @@ def _taxonomy_and_maps(taxonomy: str | None, map_file: str | None
     tax = L.load_taxonomy(taxonomy) if taxonomy else None
     if map_file:
         if tax is None:  # a map that names a built-in target brings its taxonomy along
-            data = L._read_structured(Path(map_file))
+            data = L.read_structured(Path(map_file))
             target = data.get("target") if isinstance(data, dict) else None
             if target not in L.BUILTIN_TAXONOMIES:
                 raise L.MapError(f"map file {map_file} needs a taxonomy: pass --taxonomy, or "
@@ -85,20 +90,25 @@ def _taxonomy_and_maps(taxonomy: str | None, map_file: str | None
 
 
 def _own_taxonomy(manifests: Sequence[M.Manifest], records: Sequence[M.Record]) -> L.Taxonomy:
-    """Without --taxonomy: class columns in manifest order, then other labels sorted."""
-    classes: list[str] = []
+    """Without --taxonomy: class columns (manifest order) and distribution keys (first-seen
+    order), then the values of `label` columns sorted."""
+    ordered: dict[str, None] = {}
     for m in manifests:
         for col in m.class_columns:
-            name = L.normalize_name(col)
-            if name not in classes:
-                classes.append(name)
-    others: set[str] = set()
+            ordered.setdefault(L.normalize_name(col))
+    label_form = {str(m.path): m.label_form == "label" for m in manifests}
+    single: set[str] = set()
     for r in records:
         if isinstance(r.label, list):
             raise M.ManifestError(f"{r.manifest} row {r.row}: a distribution given as a list "
                                   "needs --taxonomy to name its classes")
-        others |= {L.normalize_name(k) for k in r.label}
-    classes += sorted(others - set(classes))
+        names = [L.normalize_name(k) for k in r.label]
+        if label_form[r.manifest]:
+            single.update(names)
+        else:
+            for k in names:
+                ordered.setdefault(k)
+    classes = list(ordered) + sorted(single - set(ordered))
     if not classes:
         raise PrepareError("no labels found in the manifests")
     name = next((b for b in L.BUILTIN_TAXONOMIES
@@ -168,15 +178,16 @@ def _reject(r: M.Record, reason: str, detail: str = "") -> M.Rejection:
 
 
 def _drop_duplicates(records: list[M.Record], rejected: list[M.Rejection]) -> list[M.Record]:
-    """Keeps the first row of each (namespaced) id; later ones are rejected."""
-    first: dict[str, M.Record] = {}
+    """Keeps the first row of each (corpus, id); later ones are rejected."""
+    first: dict[tuple[str, str], M.Record] = {}
     kept = []
     for r in records:
-        if r.id in first:
-            f = first[r.id]
+        key = (r.corpus, r.id)
+        if key in first:
+            f = first[key]
             rejected.append(_reject(r, M.DUPLICATE_ID, f"same id as {f.manifest} row {f.row}"))
             continue
-        first[r.id] = r
+        first[key] = r
         kept.append(r)
     return kept
 
@@ -438,7 +449,11 @@ def prepare(
     for r, name in zip(records, assignment, strict=True):
         by_split.setdefault(name, []).append(r)
     K = tax.num_classes
-    tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out))
+    for stale in out.glob(f"{_TMP_PREFIX}*"):  # left by a killed run
+        if stale.is_dir():
+            logger.info("removing %s, left by an interrupted run", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=out))
     executor = A.make_executor(workers)
     kept: list[M.Record] = []
     split_json: dict[str, dict] = {}
