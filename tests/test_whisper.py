@@ -53,7 +53,7 @@ def _small(**overrides) -> whisper.WhisperConfig:
 @pytest.mark.parametrize("num_mel", [80, 128])
 def test_hidden_states_match_pytorch(num_mel):
     model, state = _hf_encoder(num_mel)
-    cfg = whisper.WhisperConfig.from_hf(model.config.to_dict(), attention="einsum")
+    cfg = whisper.WhisperConfig.from_hf(model.config, attention="einsum")
     params = whisper.params_from_torch(state, cfg)
     x = _features(2, 2 * MAX_POS, num_mel)
     out = jax.jit(whisper.WhisperEncoder(cfg).apply)({"params": params}, x)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -113,8 +113,11 @@ class WhisperConfig:
         return self.d_model // self.encoder_attention_heads
 
     @classmethod
-    def from_hf(cls, hf_config: dict[str, Any], **overrides: Any) -> WhisperConfig:
-        """Builds a config from a HF `config.json` dict; `overrides` set jaxser fields."""
+    def from_hf(cls, hf_config: Mapping[str, Any] | Any, **overrides: Any) -> WhisperConfig:
+        """Builds a config from a HF `config.json` dict (or transformers config object);
+        `overrides` set any field (e.g. dtype, variable_length)."""
+        if not isinstance(hf_config, Mapping):
+            hf_config = hf_config.to_dict()
         known = {f.name for f in dataclasses.fields(cls)}
         bad = sorted(set(overrides) - known)
         if bad:
