@@ -88,6 +88,9 @@ def test_kfold_covers_every_speaker_once():
         tests.append(spk["test"])
     assert set().union(*tests) == {it.speaker for it in items}
     assert sum(len(t) for t in tests) == 10
+    sizes = sorted(len(_speakers(_items(11), S.assign_splits(_items(11), f"kfold:5:{i}"))[
+        "test"]) for i in range(5))
+    assert sizes == [2, 2, 2, 2, 3]
     a = S.assign_splits(items, "kfold:5:0:val=0", seed=7)
     assert set(a) == {"train", "test"}
     with pytest.raises(S.SplitError, match="too few speakers: 10 speaker.*12 folds"):

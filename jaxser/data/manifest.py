@@ -216,6 +216,37 @@ def expected_columns_message() -> str:
             "corpus, language, gender, age, start, end, and other group columns")
 
 
+def _reserved_columns(header: list[str]) -> dict[str, str]:
+    """reserved canonical name -> original column: exact names first, then aliases."""
+    columns: dict[str, str] = {}
+    for h in header:
+        key = L.normalize_name(h)
+        if key in RESERVED and key not in columns:
+            columns[key] = h
+    for h in header:
+        key = COLUMN_ALIASES.get(L.normalize_name(h))
+        if key is not None and key not in columns:
+            columns[key] = h
+    return columns
+
+
+def _find_split_column(path: Path, header: list[str], split_column: str) -> str:
+    matches = [h for h in header if L.normalize_name(h) == L.normalize_name(split_column)]
+    if not matches:
+        raise ManifestError(f"manifest {path} has no column {split_column!r} for the split "
+                            f"spec 'column:{split_column}' (columns: {', '.join(header)})")
+    return matches[0]
+
+
+def _label_form(columns: dict[str, str], class_cols: list[str]) -> str:
+    """distribution > class columns (at least two) > label; '' when there is none."""
+    if "distribution" in columns:
+        return "distribution"
+    if len(class_cols) >= 2:
+        return "classes"
+    return "label" if "label" in columns else ""
+
+
 def read_manifest(path: str | Path, class_names: set[str],
                   split_column: str | None = None) -> Manifest:
     """Reads and classifies a manifest's columns; ManifestError if it is not a manifest.
@@ -236,51 +267,24 @@ def read_manifest(path: str | Path, class_names: set[str],
     if len(set(header)) != len(header):
         dup = sorted({h for h in header if header.count(h) > 1})
         raise ManifestError(f"manifest {path}: duplicate columns {dup}")
-
-    columns: dict[str, str] = {}
-    for h in header:  # exact canonical names first, then aliases
-        key = L.normalize_name(h)
-        if key in RESERVED and key not in columns:
-            columns[key] = h
-    for h in header:
-        key = COLUMN_ALIASES.get(L.normalize_name(h))
-        if key is not None and key not in columns:
-            columns[key] = h
-    used = set(columns.values())
-
+    columns = _reserved_columns(header)
     split_col = None
     if split_column is not None:
-        matches = [h for h in header if L.normalize_name(h) == L.normalize_name(split_column)]
-        if not matches:
-            raise ManifestError(f"manifest {path} has no column {split_column!r} for the split "
-                                f"spec 'column:{split_column}' (columns: {', '.join(header)})")
-        split_col = matches[0]
-        used.add(split_col)
-        columns.pop(L.normalize_name(split_col), None)
-
+        split_col = _find_split_column(path, header, split_column)
+        columns = {k: v for k, v in columns.items() if v != split_col}
+    used = set(columns.values()) | {split_col}
     class_cols = [h for h in header if h not in used and L.normalize_name(h) in class_names]
-    if len(class_cols) < 2:
-        class_cols = []
-    if "distribution" in columns:
-        form = "distribution"
-    elif class_cols:
-        form = "classes"
-    elif "label" in columns:
-        form = "label"
-    else:
-        form = ""
+    form = _label_form(columns, class_cols)
     missing = [n for n, ok in (("speaker", "speaker" in columns),
                                ("path or id", "path" in columns or "id" in columns),
                                ("a label", bool(form))) if not ok]
     if missing:
         raise ManifestError(f"manifest {path} is missing {', '.join(missing)}: it has columns "
                             f"[{', '.join(header)}]; {expected_columns_message()}")
-    if form != "classes":
-        class_cols = []
-    label_cols = {columns.get("label"), columns.get("distribution")}
-    groups = [h for h in header if h not in used and h not in class_cols and h not in label_cols]
     if not rows:
         raise ManifestError(f"manifest {path} has no rows")
+    class_cols = class_cols if form == "classes" else []
+    groups = [h for h in header if h not in used and h not in class_cols]
     logger.info("manifest %s: %d rows, label as %s%s", path, len(rows), form,
                 f" ({len(class_cols)} class columns)" if class_cols else "")
     return Manifest(path=path, header=header, columns=columns, label_form=form,
@@ -396,7 +400,7 @@ def parse_records(m: Manifest) -> tuple[list[Record], list[Rejection]]:
             continue
         corpus = _text(m.cell(row, "corpus")) or m.default_corpus
         resolved, shown, tried = _resolve_path(m, row)
-        raw_id = _text(m.cell(row, "id"))
+        raw_id = _text(m.cell(row, "id")) or (_default_id(shown, None, None) if shown else "")
 
         def reject(reason: str, detail: str, ident: str = raw_id, shown: str = shown,
                    n: int = n) -> None:
@@ -419,7 +423,7 @@ def parse_records(m: Manifest) -> tuple[list[Record], list[Rejection]]:
         if not shown:
             reject(MISSING_PATH, "no path and no id")
             continue
-        ident = raw_id or _default_id(shown, start, end)
+        ident = _text(m.cell(row, "id")) or _default_id(shown, start, end)
         if not resolved:
             reject(MISSING_FILE, "not found: " + " or ".join(tried), ident)
             continue

@@ -40,6 +40,7 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -364,6 +365,143 @@ def _summary(info: dict, out: Path, up_to_date: bool = False) -> str:
 # ----------------------------------------------------------------------------- prepare
 
 
+@dataclass
+class _Plan:
+    """Everything decided before any audio is decoded."""
+
+    tables: list[M.Manifest]
+    taxonomy: L.Taxonomy
+    own_taxonomy: bool
+    maps: list[L.LabelMap]
+    resolvers: dict[str, L.LabelResolver]
+    vocab: dict[str, list[str]]
+    user_maps: bool
+    records: list[M.Record]  # rows that passed every check made without audio
+    assignment: list[str]  # split name of each record
+    rejected: list[M.Rejection]
+    corpora: list[str]
+    group_columns: list[str]
+
+    @property
+    def order(self) -> dict[str, int]:
+        return {str(m.path): i for i, m in enumerate(self.tables)}
+
+
+def _plan(manifests: Sequence[str | Path], out: Path, taxonomy: str | None,
+          map_file: str | None, spec: S.SplitSpec, seed: int, neutral_smoothing: float,
+          allow_speaker_overlap: bool) -> _Plan:
+    """Reads and checks every input without audio; assigns splits. Raises on bad input."""
+    tax, maps, user_maps = _taxonomy_and_maps(taxonomy, map_file)
+    if tax is not None:
+        L.check_neutral_smoothing(tax, neutral_smoothing)
+    class_names = L.known_label_names(maps) | (tax.names() if tax else set())
+    split_column = spec.column if spec.kind == "column" else None
+    tables = [M.read_manifest(p, class_names, split_column) for p in manifests]
+    records: list[M.Record] = []
+    rejected: list[M.Rejection] = []
+    for m in tables:
+        recs, rej = M.parse_records(m)
+        records += recs
+        rejected += rej
+    own = tax is None
+    if own:
+        tax = _own_taxonomy(tables, records)
+        L.check_neutral_smoothing(tax, neutral_smoothing)
+    vocab = _vocabularies(tables, records)
+    resolvers = {}
+    for corpus, v in vocab.items():
+        primary, fallback = (maps, []) if user_maps else L.map_chain(maps, v)
+        resolvers[corpus] = L.LabelResolver(tax, primary, neutral_smoothing, fallback)
+    records = _resolve_labels(records, resolvers, rejected)
+    records = _drop_duplicates(records, rejected)
+    if spec.kind == "column":
+        records = _check_split_values(records, rejected)
+    plan = _Plan(tables, tax, own, maps, resolvers, vocab, user_maps, records, [], rejected,
+                 list(dict.fromkeys(r.corpus for r in records)),
+                 list(dict.fromkeys(g for r in records for g in r.groups)))
+    if not records:
+        _fail_all_rejected(out, plan)
+    plan.assignment = S.assign_splits(records, spec, seed)
+    S.check_speaker_overlap(S.speaker_overlap(records, plan.assignment), allow_speaker_overlap)
+    return plan
+
+
+def _fail_all_rejected(out: Path, plan: _Plan) -> None:
+    """Writes rejected.csv into `out` and raises PrepareError."""
+    out.mkdir(parents=True, exist_ok=True)
+    _write_rejected(out / REJECTED_CSV, plan.rejected, plan.order)
+    reasons = Counter(r.reason for r in plan.rejected).most_common()
+    raise PrepareError(f"every row was rejected ({len(plan.rejected)}); reasons in "
+                       f"{out / REJECTED_CSV}: " + ", ".join(f"{k}: {n}" for k, n in reasons))
+
+
+def _write_splits(plan: _Plan, tmp: Path, seed: int, min_seconds: float, max_seconds: float,
+                  workers: int, progress: bool) -> tuple[dict[str, dict], list[M.Record]]:
+    """Decodes and writes every split into `tmp`: (splits.<name> of dataset.json, kept)."""
+    by_split: dict[str, list[M.Record]] = {}
+    for r, name in zip(plan.records, plan.assignment, strict=True):
+        by_split.setdefault(name, []).append(r)
+    K = plan.taxonomy.num_classes
+    kept: list[M.Record] = []
+    split_json: dict[str, dict] = {}
+    executor = A.make_executor(workers)
+    try:
+        with tqdm(total=len(plan.records), disable=not progress, desc="decode",
+                  unit="file") as bar:
+            for s_i, name in enumerate(n for n in S.SPLITS if n in by_split):
+                rows = by_split[name]
+                perm = np.random.default_rng([seed, s_i]).permutation(len(rows))
+                rows = [rows[i] for i in perm]  # shuffled so every shard mixes speakers
+                stats = _SplitStats(K, plan.group_columns)
+                gen = _examples(rows, stats, plan.corpora, executor, max(8, 4 * workers),
+                                min_seconds, max_seconds, plan.rejected, bar, kept)
+                written = shards.write_split(tmp, name, gen, num_classes=K)
+                if stats.count == 0:
+                    logger.warning("split %s: every file was rejected; split not written", name)
+                    _remove_split_files(tmp, name)
+                    continue
+                split_json[name] = stats.to_json(written)
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+    return split_json, kept
+
+
+def _dataset_json(plan: _Plan, kept: Sequence[M.Record], split_json: dict[str, dict],
+                  taxonomy: str | None, options: dict, fingerprint: str) -> dict:
+    """The content of dataset.json (keys documented in `prepare`)."""
+    name_of = {id(r): n for r, n in zip(plan.records, plan.assignment, strict=True)}
+    pairs = S.speaker_overlap(kept, [name_of[id(r)] for r in kept])
+    if pairs:
+        logger.warning("speakers shared between splits (allowed): %s", "; ".join(
+            f"{k}: {', '.join(v[:10])}" for k, v in pairs.items()))
+    tax = plan.taxonomy
+    reasons = Counter(r.reason for r in plan.rejected)
+    return {
+        "version": DATASET_VERSION,
+        "sample_rate": A.SAMPLE_RATE,
+        "labels": list(tax.classes),
+        "num_classes": tax.num_classes,
+        "taxonomy": {"name": tax.name, "classes": list(tax.classes),
+                     "source": "corpus labels" if plan.own_taxonomy else str(taxonomy)},
+        "mapping": None if plan.own_taxonomy else _mapping_json(
+            plan.resolvers, plan.vocab, plan.user_maps),
+        "neutral_smoothing": options["neutral_smoothing"],
+        "corpora": plan.corpora,
+        "group_columns": plan.group_columns,
+        "split_spec": options["split"],
+        "seed": options["seed"],
+        "min_seconds": options["min_seconds"],
+        "max_seconds": options["max_seconds"],
+        "manifests": [str(m.path) for m in plan.tables],
+        "speaker_overlap": {"pairs": pairs, "allowed": bool(options["allow_speaker_overlap"])},
+        "rejected": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "kept": len(kept),
+        "splits": split_json,
+        "fingerprint": fingerprint,
+    }
+
+
 def prepare(
         manifests: Sequence[str | Path],
         out_dir: str | Path,
@@ -388,6 +526,16 @@ def prepare(
     neutral_smoothing: mixes this fraction of `neutral` into every target.
     allow_speaker_overlap: record speakers shared between splits instead of failing.
     workers: decoding processes (0 decodes in this process). progress: show a tqdm bar.
+
+    dataset.json: version, sample_rate (16000), labels, num_classes, taxonomy {name, classes,
+    source}, mapping (null without a taxonomy, else {files, user_map, corpora: {corpus: {maps,
+    fallback_maps, labels: {source label: {class: weight} | null}}}}), neutral_smoothing,
+    corpora (domain id = index), group_columns, split_spec, seed, min_seconds, max_seconds,
+    manifests, speaker_overlap {pairs: {"train/test": [speakers]}, allowed}, rejected
+    {reason: count}, kept, fingerprint, and splits.<name>: count, seconds, speakers
+    (corpus/speaker), prior (mean target, K floats), files (shard names), shard_lengths,
+    lengths_histogram {edges (seconds), counts}, groups {column: {value: count}} (columns
+    with more than MAX_GROUP_VALUES values left out).
     """
     if not manifests:
         raise ValueError("prepare needs at least one manifest")
@@ -396,127 +544,35 @@ def prepare(
                          f"{max_seconds}")
     out = Path(out_dir)
     spec = S.parse_split_spec(split)
-    tax, maps, user_maps = _taxonomy_and_maps(taxonomy, map_file)
-    if tax is not None:
-        L.check_neutral_smoothing(tax, neutral_smoothing)
-    class_names = L.known_label_names(maps) | (tax.names() if tax else set())
-    split_column = spec.column if spec.kind == "column" else None
-    tables = [M.read_manifest(p, class_names, split_column) for p in manifests]
-    order = {str(m.path): i for i, m in enumerate(tables)}
-
-    records: list[M.Record] = []
-    rejected: list[M.Rejection] = []
-    for m in tables:
-        recs, rej = M.parse_records(m)
-        records += recs
-        rejected += rej
-    own = tax is None
-    if own:
-        tax = _own_taxonomy(tables, records)
-    L.check_neutral_smoothing(tax, neutral_smoothing)
-    vocab = _vocabularies(tables, records)
-    resolvers = {}
-    for corpus, v in vocab.items():
-        primary, fallback = (maps, []) if user_maps else L.map_chain(maps, v)
-        resolvers[corpus] = L.LabelResolver(tax, primary, neutral_smoothing, fallback)
-    records = _resolve_labels(records, resolvers, rejected)
-    records = _drop_duplicates(records, rejected)
-    if spec.kind == "column":
-        records = _check_split_values(records, rejected)
-    out.mkdir(parents=True, exist_ok=True)
-    if not records:
-        _write_rejected(out / REJECTED_CSV, rejected, order)
-        raise PrepareError(f"every row was rejected ({len(rejected)}); reasons in "
-                           f"{out / REJECTED_CSV}: " + ", ".join(
-                               f"{k}: {n}" for k, n in Counter(
-                                   r.reason for r in rejected).most_common()))
-
-    assignment = S.assign_splits(records, spec, seed)
-    S.check_speaker_overlap(S.speaker_overlap(records, assignment), allow_speaker_overlap)
-    corpora = list(dict.fromkeys(r.corpus for r in records))
-    group_columns = list(dict.fromkeys(g for r in records for g in r.groups))
-
+    plan = _plan(manifests, out, taxonomy, map_file, spec, seed, neutral_smoothing,
+                 allow_speaker_overlap)
     options = {"split": split, "seed": seed, "min_seconds": min_seconds,
                "max_seconds": max_seconds, "neutral_smoothing": neutral_smoothing,
-               "allow_speaker_overlap": allow_speaker_overlap, "own_taxonomy": own}
-    fingerprint = _fingerprint(options, tables, tax, maps, records)
+               "allow_speaker_overlap": allow_speaker_overlap, "own_taxonomy": plan.own_taxonomy}
+    fingerprint = _fingerprint(options, plan.tables, plan.taxonomy, plan.maps, plan.records)
+    out.mkdir(parents=True, exist_ok=True)
     existing = _up_to_date(out, fingerprint)
     if existing is not None:
         print(_summary(existing, out, up_to_date=True))
         return existing
 
-    by_split: dict[str, list[M.Record]] = {}
-    for r, name in zip(records, assignment, strict=True):
-        by_split.setdefault(name, []).append(r)
-    K = tax.num_classes
     for stale in out.glob(f"{_TMP_PREFIX}*"):  # left by a killed run
         if stale.is_dir():
             logger.info("removing %s, left by an interrupted run", stale)
             shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=out))
-    executor = A.make_executor(workers)
-    kept: list[M.Record] = []
-    split_json: dict[str, dict] = {}
     try:
-        with tqdm(total=len(records), disable=not progress, desc="decode", unit="file") as bar:
-            for s_i, name in enumerate(n for n in S.SPLITS if n in by_split):
-                rows = by_split[name]
-                perm = np.random.default_rng([seed, s_i]).permutation(len(rows))
-                rows = [rows[i] for i in perm]  # shuffled so every shard mixes speakers
-                stats = _SplitStats(K, group_columns)
-                gen = _examples(rows, stats, corpora, executor, max(8, 4 * workers),
-                                min_seconds, max_seconds, rejected, bar, kept)
-                written = shards.write_split(tmp, name, gen, num_classes=K)
-                if stats.count == 0:
-                    logger.warning("split %s: every file was rejected; split not written", name)
-                    _remove_split_files(tmp, name)
-                    continue
-                split_json[name] = stats.to_json(written)
+        split_json, kept = _write_splits(plan, tmp, seed, min_seconds, max_seconds, workers,
+                                         progress)
         if not kept:
-            _write_rejected(out / REJECTED_CSV, rejected, order)
-            raise PrepareError(f"every row was rejected ({len(rejected)}); reasons in "
-                               f"{out / REJECTED_CSV}")
-        pairs = S.speaker_overlap(kept, _split_of(kept, records, assignment))
-        if pairs:
-            logger.warning("speakers shared between splits (allowed): %s", "; ".join(
-                f"{k}: {', '.join(v[:10])}" for k, v in pairs.items()))
-        reasons = Counter(r.reason for r in rejected)
-        info = {
-            "version": DATASET_VERSION,
-            "sample_rate": A.SAMPLE_RATE,
-            "labels": list(tax.classes),
-            "num_classes": K,
-            "taxonomy": {"name": tax.name, "classes": list(tax.classes),
-                         "source": "corpus labels" if own else str(taxonomy)},
-            "mapping": None if own else _mapping_json(resolvers, vocab, user_maps),
-            "neutral_smoothing": neutral_smoothing,
-            "corpora": corpora,
-            "group_columns": group_columns,
-            "split_spec": split,
-            "seed": seed,
-            "min_seconds": min_seconds,
-            "max_seconds": max_seconds,
-            "manifests": [str(m.path) for m in tables],
-            "speaker_overlap": {"pairs": pairs, "allowed": bool(allow_speaker_overlap)},
-            "rejected": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
-            "kept": len(kept),
-            "splits": split_json,
-            "fingerprint": fingerprint,
-        }
-        shards.write_tfds_metadata(tmp, K, {k: v["shard_lengths"] for k, v in split_json.items()})
-        _write_rejected(tmp / REJECTED_CSV, rejected, order)
+            _fail_all_rejected(out, plan)
+        info = _dataset_json(plan, kept, split_json, taxonomy, options, fingerprint)
+        shards.write_tfds_metadata(tmp, plan.taxonomy.num_classes,
+                                   {k: v["shard_lengths"] for k, v in split_json.items()})
+        _write_rejected(tmp / REJECTED_CSV, plan.rejected, plan.order)
         (tmp / shards.DATASET_JSON).write_text(json.dumps(info, indent=1) + "\n")
         _commit(tmp, out)
     finally:
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(tmp, ignore_errors=True)
     print(_summary(info, out))
     return info
-
-
-def _split_of(kept: Sequence[M.Record], records: Sequence[M.Record],
-              assignment: Sequence[str]) -> list[str]:
-    """The split name of each kept record."""
-    name_of = {id(r): n for r, n in zip(records, assignment, strict=True)}
-    return [name_of[id(r)] for r in kept]

@@ -92,15 +92,11 @@ def _norm(name: str) -> str:
     return re.sub(r"[\s\-]+", "_", name.strip().lower())
 
 
-def parse_split_spec(text: str) -> SplitSpec:
-    """Parses a spec string (see the module docstring); SplitError naming the problem."""
-    parts = [p.strip() for p in str(text).split(":")]
-    kind = parts[0].lower()
-    if kind not in KINDS:
-        raise SplitError(f"unknown split kind {parts[0]!r} in {text!r}; {SPEC_HELP}")
+def _spec_options(text: str, kind: str, parts: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(positional parts, key=value options) of a spec, options checked against the kind."""
     positional: list[str] = []
     options: dict[str, str] = {}
-    for j, p in enumerate(parts[1:]):
+    for j, p in enumerate(parts):
         if "=" in p and not (kind == "logo" and j == 0):
             key, _, value = p.partition("=")
             options[_norm(key)] = value.strip()
@@ -111,37 +107,58 @@ def parse_split_spec(text: str) -> SplitSpec:
     if unknown:
         raise SplitError(f"unknown option(s) {sorted(unknown)} in split spec {text!r}; "
                          f"{kind} takes: {', '.join(sorted(allowed)) or 'no options'}")
+    return positional, options
+
+
+def _val_fraction(text: str, options: dict[str, str]) -> float:
+    if "val" not in options:
+        return DEFAULT_VAL_FRACTION
+    try:
+        val = float(options["val"])
+    except ValueError:
+        raise SplitError(f"val={options['val']!r} is not a number in {text!r}") from None
+    if not 0.0 <= val < 1.0:
+        raise SplitError(f"val must be in [0, 1), got {val} in {text!r}")
+    return val
+
+
+def _ratios(text: str, part: str) -> tuple[float, ...]:
+    """train/validation/test shares (sum 1) from '80/10/10' or '80/20' (train/test)."""
+    try:
+        nums = [float(x) for x in part.split("/")]
+    except ValueError:
+        raise SplitError(f"split ratios {part!r} in {text!r} are not numbers") from None
+    if len(nums) not in (2, 3) or any(not math.isfinite(x) or x < 0 for x in nums) \
+            or sum(nums) <= 0:
+        raise SplitError(f"split ratios {part!r} in {text!r} must be 2 or 3 non-negative "
+                         "numbers with a positive sum")
+    if len(nums) == 2:
+        nums = [nums[0], 0.0, nums[1]]
+    return tuple(x / sum(nums) for x in nums)
+
+
+_FORMS = {"speaker": (1, "speaker:80/10/10 (train/validation/test) or speaker:80/20"),
+          "kfold": (2, "kfold:K:I (K folds, fold I is test)"),
+          "logo": (1, "logo:COLUMN=VALUE (e.g. logo:gender=female)"),
+          "loco": (1, "loco:CORPUS"),
+          "column": (1, "column:NAME (a manifest column with train/validation/test)")}
+
+
+def parse_split_spec(text: str) -> SplitSpec:
+    """Parses a spec string (see the module docstring); SplitError naming the problem."""
+    parts = [p.strip() for p in str(text).split(":")]
+    kind = parts[0].lower()
+    if kind not in KINDS:
+        raise SplitError(f"unknown split kind {parts[0]!r} in {text!r}; {SPEC_HELP}")
+    positional, options = _spec_options(text, kind, parts[1:])
+    count, form = _FORMS[kind]
+    if len(positional) != count or not all(positional):
+        raise SplitError(f"split spec {text!r} must look like {form}")
     balance = tuple(c.strip() for c in options.get("balance", "").split("+") if c.strip())
-    val = DEFAULT_VAL_FRACTION
-    if "val" in options:
-        try:
-            val = float(options["val"])
-        except ValueError:
-            raise SplitError(f"val={options['val']!r} is not a number in {text!r}") from None
-        if not 0.0 <= val < 1.0:
-            raise SplitError(f"val must be in [0, 1), got {val} in {text!r}")
-
-    def need(count: int, form: str) -> None:
-        if len(positional) != count or not all(positional):
-            raise SplitError(f"split spec {text!r} must look like {form}")
-
+    val = _val_fraction(text, options)
     if kind == "speaker":
-        need(1, "speaker:80/10/10 (train/validation/test) or speaker:80/20 (train/test)")
-        try:
-            nums = [float(x) for x in positional[0].split("/")]
-        except ValueError:
-            raise SplitError(f"split ratios {positional[0]!r} in {text!r} are not numbers") \
-                from None
-        if len(nums) not in (2, 3) or any(not math.isfinite(x) or x < 0 for x in nums) \
-                or sum(nums) <= 0:
-            raise SplitError(f"split ratios {positional[0]!r} in {text!r} must be 2 or 3 "
-                             "non-negative numbers with a positive sum")
-        if len(nums) == 2:
-            nums = [nums[0], 0.0, nums[1]]
-        total = sum(nums)
-        return SplitSpec(kind, text, ratios=tuple(x / total for x in nums), balance=balance)
+        return SplitSpec(kind, text, ratios=_ratios(text, positional[0]), balance=balance)
     if kind == "kfold":
-        need(2, "kfold:K:I (K folds, fold I is test)")
         try:
             k, i = int(positional[0]), int(positional[1])
         except ValueError:
@@ -150,16 +167,13 @@ def parse_split_spec(text: str) -> SplitSpec:
             raise SplitError(f"kfold:{k}:{i} needs K >= 2 and 0 <= I < K")
         return SplitSpec(kind, text, folds=k, fold=i, balance=balance, val_fraction=val)
     if kind == "logo":
-        need(1, "logo:COLUMN=VALUE (e.g. logo:gender=female)")
         column, eq, value = positional[0].partition("=")
         if not eq or not column.strip() or not value.strip():
-            raise SplitError(f"split spec {text!r} must look like logo:COLUMN=VALUE")
+            raise SplitError(f"split spec {text!r} must look like {form}")
         return SplitSpec(kind, text, column=column.strip(), value=value.strip(),
                          balance=balance, val_fraction=val)
     if kind == "loco":
-        need(1, "loco:CORPUS")
         return SplitSpec(kind, text, value=positional[0], balance=balance, val_fraction=val)
-    need(1, "column:NAME (a manifest column with train/validation/test)")
     return SplitSpec(kind, text, column=positional[0])
 
 
@@ -180,11 +194,14 @@ def _group_value(item: SplitItem, column: str) -> str | None:
 
 
 def _counts(n: int, ratios: Sequence[float]) -> list[int]:
-    """Integer split sizes for n units by largest remainder; >= 1 for each positive ratio."""
+    """Integer split sizes for n units (ratios normalised) by largest remainder; at least 1
+    for each positive ratio."""
+    total = sum(ratios)
+    ratios = [r / total for r in ratios]
     positive = [i for i, r in enumerate(ratios) if r > 0]
     if n < len(positive):
         raise SplitError(f"too few speakers: {n} speaker(s) for {len(positive)} non-empty "
-                         "splits")
+                         "splits (ask for fewer splits, e.g. speaker:80/20, or use column:NAME)")
     exact = [r * n for r in ratios]
     counts = [math.floor(x) for x in exact]
     order = sorted(range(len(ratios)), key=lambda i: (-(exact[i] - counts[i]), i))
@@ -261,6 +278,31 @@ def _train_val(items: Sequence[SplitItem], idx: Sequence[int], val: float,
     return _by_speaker(items, idx, (1 - val, val), ("train", "validation"), balance, rng)
 
 
+def _leave_one_out(items: Sequence[SplitItem], spec: SplitSpec,
+                   rng: np.random.Generator) -> dict[int, str]:
+    """logo / loco: the named group (or corpus) is test, the rest train + validation."""
+    if spec.kind == "logo":
+        values = [_group_value(it, spec.column) for it in items]
+        if all(v is None for v in values):
+            raise SplitError(f"split {spec.text!r}: no column {spec.column!r} in the data")
+        label = f"{spec.column}={spec.value}"
+        seen = sorted({v for v in values if v is not None})
+    else:
+        values = [it.corpus for it in items]
+        label = f"corpus {spec.value}"
+        seen = sorted(set(values))
+    out = {i: "test" for i, v in enumerate(values)
+           if v is not None and _norm(v) == _norm(spec.value)}
+    if not out:
+        raise SplitError(f"split {spec.text!r}: no row has {label} "
+                         f"(values: {', '.join(seen[:20])})")
+    rest = [i for i in range(len(items)) if i not in out]
+    if not rest:
+        raise SplitError(f"split {spec.text!r}: every row is in the test group")
+    out.update(_train_val(items, rest, spec.val_fraction, spec.balance, rng))
+    return out
+
+
 def assign_splits(items: Sequence[SplitItem], spec: SplitSpec | str, seed: int = 0) -> list[str]:
     """The split name of every item (train / validation / test); SplitError if infeasible."""
     if isinstance(spec, str):
@@ -276,32 +318,13 @@ def assign_splits(items: Sequence[SplitItem], spec: SplitSpec | str, seed: int =
         if len(speakers) < spec.folds:
             raise SplitError(f"too few speakers: {len(speakers)} speaker(s) for "
                              f"{spec.folds} folds")
-        folds = _by_speaker(items, all_idx, [1.0] * spec.folds, [str(f) for f in
-                                                                 range(spec.folds)],
-                            spec.balance, rng)
-        out = {i: "test" for i, f in folds.items() if f == str(spec.fold)}
+        names = [str(f) for f in range(spec.folds)]
+        folds = _by_speaker(items, all_idx, [1.0] * spec.folds, names, spec.balance, rng)
+        out = {i: "test" for i, f in folds.items() if f == names[spec.fold]}
         rest = [i for i in all_idx if i not in out]
         out.update(_train_val(items, rest, spec.val_fraction, spec.balance, rng))
     elif spec.kind in ("logo", "loco"):
-        if spec.kind == "logo":
-            values = [_group_value(it, spec.column) for it in items]
-            if all(v is None for v in values):
-                raise SplitError(f"split {spec.text!r}: no column {spec.column!r} in the data")
-            label = f"{spec.column}={spec.value}"
-            seen = sorted({v for v in values if v is not None})
-        else:
-            values = [it.corpus for it in items]
-            label = f"corpus {spec.value}"
-            seen = sorted(set(values))
-        out = {i: "test" for i, v in enumerate(values)
-               if v is not None and _norm(v) == _norm(spec.value)}
-        if not out:
-            raise SplitError(f"split {spec.text!r}: no row has {label} "
-                             f"(values: {', '.join(seen[:20])})")
-        rest = [i for i in all_idx if i not in out]
-        if not rest:
-            raise SplitError(f"split {spec.text!r}: every row is in the test group")
-        out.update(_train_val(items, rest, spec.val_fraction, spec.balance, rng))
+        out = _leave_one_out(items, spec, rng)
     else:
         out = {}
         for i, it in enumerate(items):
