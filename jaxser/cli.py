@@ -179,9 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    from absl import logging as absl_logging
+
     from jaxser.errors import JaxserError
     from jaxser.train.writers import setup_logging
 
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's info/warnings are noise here.
     setup_logging()
     try:
         if args.command == "train":
