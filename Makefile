@@ -23,6 +23,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest tests
 
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" tests
+
 lint: install
 	$(BIN)/ruff check jaxser tests bench configs
 

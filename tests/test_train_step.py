@@ -79,3 +79,18 @@ def test_gradient_accumulation_matches_full_batch(accum):
     cfg.optim.grad_accum = accum
     acc, _, _ = _losses(cfg, steps=1)
     np.testing.assert_allclose(base, acc, rtol=1e-4)
+
+
+def test_augmentation_suite_in_step_compiles_once_on_8_devices():
+    cfg = _config(data=-1)
+    cfg.augment.waveform = True
+    cfg.augment.specaugment = True
+    cfg.augment.mixup = "energy"
+    exp = Experiment(cfg, LABELS, ["synth"], steps_per_epoch=10)
+    with exp.mesh_context():
+        state, shardings = exp.init_state(jax.random.key(0))
+        step = exp.train_step(shardings)
+        for i in range(3):
+            state, metrics = step(state, exp.device_batch(_batch(seed=i)), jax.random.key(1))
+            assert np.isfinite(float(metrics["loss"]))
+    assert step._cache_size() == 1
