@@ -279,7 +279,9 @@ def write_split(
     try:
         for n, raw in enumerate(examples):
             ex = _normalise_example(raw, num_classes, n)
-            payload = serializer.serialize_example(features.encode_example(ex))
+            # Deterministic protobuf bytes: the same inputs give byte-identical shards.
+            payload = serializer.get_tf_example(features.encode_example(ex)).SerializeToString(
+                deterministic=True)
             if writer is None or pos >= target_shard_bytes:
                 if writer is not None:
                     writer.close()
