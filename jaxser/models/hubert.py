@@ -207,7 +207,11 @@ def _validate(cfg: HubertConfig) -> None:
         raise ValueError("wav2vec2 always has the feature-projection layer norm")
     if cfg.attention not in ("auto", "einsum", "xla", "cudnn"):
         raise ValueError(f"attention {cfg.attention!r} is not auto/einsum/xla/cudnn")
-    jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)  # Raise early on bad dtype names.
+    for name in ("dtype", "param_dtype"):
+        try:
+            jnp.dtype(getattr(cfg, name))
+        except TypeError as e:
+            raise ValueError(f"{name} {getattr(cfg, name)!r} is not a dtype") from e
 
 
 def _size(family, hidden, layers, heads, mlp, norm, conv_bias, stable) -> HubertConfig:
@@ -261,7 +265,7 @@ def normalize_waveform(audio: jax.Array, lengths: jax.Array) -> jax.Array:
     The same as `Wav2Vec2FeatureExtractor(do_normalize=True)` with its 1e-7 epsilon, but
     jittable and on device. audio: [batch, samples]; lengths: [batch] valid samples.
     """
-    audio = audio.astype(jnp.float32)
+    audio, lengths = jnp.asarray(audio, jnp.float32), jnp.asarray(lengths)
     valid = jnp.arange(audio.shape[1])[None, :] < lengths[:, None]  # [batch, samples]
     count = jnp.maximum(lengths, 1).astype(jnp.float32)[:, None]
     mean = jnp.sum(jnp.where(valid, audio, 0.0), axis=1, keepdims=True) / count
