@@ -1,0 +1,162 @@
+"""`jaxser evaluate`: report JSON, tables, plots, checkpoints, cross-corpus datasets, leaks.
+
+One tiny trained workdir (smoke config, 2 steps) serves the whole module (and is shared
+with the other evaluation/prediction/export test modules of the same session).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxser import config as config_lib
+from jaxser import evaluate
+from jaxser.data import prepare, synthetic
+from jaxser.train import loop
+
+pytestmark = pytest.mark.slow
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_workdir(tmp_path_factory) -> Path:
+    """ROOT with corpus/, data/ and train/ (a 2-step frame_logits model); built once."""
+    root = tmp_path_factory.getbasetemp() / "jaxser_tiny_workdir"
+    if not (root / "DONE").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        manifest = synthetic.generate_corpus(root / "corpus", num_speakers=6,
+                                             utterances_per_speaker=4, seed=1)
+        prepare.prepare([manifest], root / "data", split="speaker:60/20/20", workers=0,
+                        progress=False)
+        loop.train(config_lib.load_config(f"{CONFIG}:smoke", [
+            f"--config.workdir={root / 'train'}", f"--config.data.dir={root / 'data'}",
+            "--config.train.max_steps=2", "--config.train.eval_every=2",
+            "--config.data.num_buckets=1", "--config.model.pooling=frame_logits"]))
+        (root / "DONE").write_text("ok")
+    return root
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tiny_workdir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def report(root):
+    return evaluate.evaluate_workdir(root / "train", "test")
+
+
+def test_report_json(root, report):
+    saved = json.loads((root / "train" / "eval" / "test.json").read_text())
+    assert saved["checkpoint_step"] == report["checkpoint_step"] == 2
+    info = json.loads((root / "data" / "dataset.json").read_text())
+    assert saved["count"] == saved["metrics"]["count"] == info["splits"]["test"]["count"]
+    for key in ("kl", "cosine", "chebyshev", "clark", "canberra", "intersection", "accuracy",
+                "ua", "macro_f1", "micro_f1", "weighted_f1"):
+        assert np.isfinite(saved["metrics"][key]) and np.isfinite(saved["prior"][key])
+        assert key in saved["majority"]
+    assert np.asarray(saved["metrics"]["confusion"]).sum() == saved["count"]
+    assert set(saved["groups"]) == set(info["group_columns"]) == set(saved["prior_groups"])
+    for column, by_value in saved["groups"].items():
+        assert sum(m["count"] for m in by_value.values()) == saved["count"]
+        assert saved["group_counts"][column] == {v: m["count"] for v, m in by_value.items()}
+    assert saved["labels"] == info["labels"]
+    assert saved["split_leak"]["speakers_overlap"] is False and saved["warnings"] == []
+    assert saved["soft_labels"] is True and saved["prior_source"]
+
+
+def test_predictions_jsonl(root, report):
+    rows = [json.loads(line) for line in
+            (root / "train" / "eval" / "test_predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == report["count"]
+    for row in rows:
+        assert abs(sum(row["prediction"].values()) - 1) < 1e-4
+        assert set(row["groups"]) == set(report["groups"])
+        assert row["top"] == max(row["prediction"], key=row["prediction"].get)
+
+
+def test_plots_written(root, report):
+    names = {"confusion", "recall", "baselines", "mean_distribution", "examples"}
+    assert set(report["plots"]) == names
+    for name, path in report["plots"].items():
+        assert Path(path) == root / "train" / "eval" / f"test_{name}.png"
+        assert Path(path).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_text_tables(report):
+    text = evaluate.format_report(report)
+    assert "checkpoint step 2" in text and "per group" in text
+    assert "gender=" in text and "kl (prior)" in text
+    table = evaluate.format_table(report)
+    assert table.splitlines()[0].split() == ["metric", "model", "prior", "majority"]
+    assert f"{report['metrics']['kl']:.4f}" in table
+    assert "corpus=" in evaluate.format_group_table(report)
+
+
+def test_checkpoint_choice(root):
+    latest = evaluate.evaluate_workdir(root / "train", "validation", "latest", plots=False)
+    by_step = evaluate.evaluate_workdir(root / "train", "validation", "2", plots=False)
+    assert latest["checkpoint_step"] == by_step["checkpoint_step"] == 2
+    assert latest["metrics"]["kl"] == pytest.approx(by_step["metrics"]["kl"], abs=1e-9)
+    with pytest.raises(ValueError, match="checkpoint must be"):
+        evaluate.evaluate_workdir(root / "train", "test", "newest")
+    with pytest.raises(FileNotFoundError):
+        evaluate.evaluate_workdir(root / "train", "test", "7")
+    with pytest.raises(ValueError, match="split 'dev' not in"):
+        evaluate.evaluate_workdir(root / "train", "dev")
+
+
+def test_other_dataset_same_labels_other_order(root, report, tmp_path):
+    """A dataset prepared with a taxonomy listing the same classes in another order."""
+    labels = report["labels"]
+    taxonomy = tmp_path / "reversed.json"
+    taxonomy.write_text(json.dumps({"name": "reversed", "classes": labels[::-1]}))
+    other = tmp_path / "data_reversed"
+    prepare.prepare([root / "corpus" / "manifest.csv"], other, taxonomy=str(taxonomy),
+                    split="speaker:60/20/20", workers=0, progress=False)
+    assert json.loads((other / "dataset.json").read_text())["labels"] == labels[::-1]
+    cross = evaluate.evaluate_workdir(root / "train", "test", data_dir=str(other))
+    assert cross["cross_corpus"] and cross["data_dir"] == str(other)
+    saved = json.loads((root / "train" / "eval" / "data_reversed" / "test.json").read_text())
+    assert saved["data_dir"] == str(other) and Path(saved["plots"]["confusion"]).exists()
+    assert json.loads((root / "train" / "eval" / "test.json").read_text())["data_dir"] == str(
+        root / "data")  # The in-domain report is kept.
+    assert cross["labels"] == labels
+    for key in ("kl", "cosine", "accuracy", "ua"):
+        assert cross["metrics"][key] == pytest.approx(report["metrics"][key], abs=1e-6)
+        assert cross["prior"][key] == pytest.approx(report["prior"][key], abs=1e-6)
+
+
+def test_other_dataset_different_labels_is_an_error(root, tmp_path):
+    other = tmp_path / "data_basic"
+    prepare.prepare([root / "corpus" / "manifest.csv"], other, taxonomy="basic",
+                    split="speaker:60/20/20", workers=0, progress=False)
+    with pytest.raises(ValueError, match="labels differ from the model's"):
+        evaluate.evaluate_workdir(root / "train", "test", data_dir=str(other))
+
+
+def test_speaker_overlap_is_reported(root, tmp_path, caplog):
+    leaky = tmp_path / "leaky"
+    shutil.copytree(root / "data", leaky)
+    info = json.loads((leaky / "dataset.json").read_text())
+    speaker = info["splits"]["test"]["speakers"][0]
+    info["speaker_overlap"] = {"pairs": {"train/test": [speaker]}, "allowed": True}
+    (leaky / "dataset.json").write_text(json.dumps(info))
+    with caplog.at_level("WARNING", logger="jaxser"):
+        logger = __import__("logging").getLogger("jaxser")
+        logger.addHandler(caplog.handler)
+        try:
+            leak = evaluate.evaluate_workdir(root / "train", "test", data_dir=str(leaky),
+                                             plots=False)
+        finally:
+            logger.removeHandler(caplog.handler)
+    assert leak["split_leak"] == {"speakers_overlap": True, "allowed": True,
+                                  "pairs": {"train/test": [speaker]},
+                                  "involves_split": ["train/test"]}
+    assert "share speakers" in leak["warnings"][0]
+    assert "share speakers" in caplog.text
+    assert "WARNING: the dataset's splits share speakers" in evaluate.format_report(leak)
