@@ -1,13 +1,19 @@
 """`jaxser predict` and the notebook API: emotion distributions for audio files or arrays.
 
 `Predictor.load(workdir)` restores a trained model once; `predictor(arrays_or_paths)`
-returns one dict per input with the distribution by label name and the top class, and
-with `window`/`hop` the distribution over time for long audio. Inputs are batched padded
-to the longest, and padding is masked, so a file gives the same result alone or in a batch.
+returns one dict per input with the distribution by label name and the top class; with
+`window`/`hop` also the distribution over time (one row per window), and for models with
+frame-level outputs (pooling=frame_logits) the per-frame distributions.
+
+Inputs are batched, padded to a small set of lengths (so a new length rarely compiles a
+new program) and padding is masked, so a file gives the same result alone or in a batch.
+Audio longer than the encoder accepts in one pass (Whisper: 30 s) is cut into consecutive
+chunks whose distributions are averaged, weighted by their duration.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,28 +24,58 @@ from jaxser.data import audio as audio_io
 from jaxser.evaluate import load_for_inference
 
 SAMPLE_RATE = 16000
-PAD_MULTIPLE = 320  # Whisper: hop 160 x conv stride 2.
-MIN_SECONDS = 0.05  # Shorter files get an error instead of a guess.
+PAD_MULTIPLE = 320  # Whisper: hop 160 x conv stride 2; wav2vec2 family: conv stride 320.
+MIN_SECONDS = 0.05  # Shorter inputs get an error instead of a guess.
+DECIMALS = 6  # Rounding of the probabilities in the JSON output.
+
+
+def padded_length(samples: int, max_samples: int | None = None) -> int:
+    """The padded batch length for `samples`: a multiple of PAD_MULTIPLE on a coarse ladder.
+
+    Four lengths per octave (at most 25% padding), so a stream of files of different
+    lengths compiles few programs; never above `max_samples`.
+    """
+    units = max(-(-samples // PAD_MULTIPLE), 1)
+    step = max(2 ** int(math.log2(units)) // 4, 1)
+    units = -(-units // step) * step
+    n = units * PAD_MULTIPLE
+    return min(n, max_samples) if max_samples else n
+
+
+def max_pass_samples(exp) -> int | None:
+    """The longest input the encoder takes in one pass (None: no limit)."""
+    if exp.cfg.model.encoder == "whisper":
+        return int(exp.enc_cfg.max_source_positions) * PAD_MULTIPLE
+    return None
+
+
+def _round(probs: np.ndarray) -> list[float]:
+    return [round(float(p), DECIMALS) for p in probs]
 
 
 class Predictor:
-    """A trained model ready for inference on waveforms."""
+    """A trained model ready for inference on waveforms (16 kHz mono float32)."""
 
     def __init__(self, exp, params, step: int):
         self.exp, self.params, self.step = exp, params, step
-        self.labels = exp.labels
+        self.labels = list(exp.labels)
+        self.max_samples = max_pass_samples(exp)
+        self.has_frames = exp.cfg.model.pooling == "frame_logits"
 
     @classmethod
     def load(cls, workdir: str | Path, checkpoint: str = "best") -> Predictor:
+        """Restores `best`, `latest` or a step number of a training workdir."""
         exp, params, step, _ = load_for_inference(workdir, checkpoint)
         return cls(exp, params, step)
 
-    def _probs(self, waves: list[np.ndarray]) -> np.ndarray:
-        """[len(waves), K] class probabilities; batches padded to the longest."""
+    # ------------------------------------------------------------------ raw arrays
+
+    def _run(self, waves: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """One forward pass of a batch: {probs [n, K], frame_probs? [n, T, K], frame_mask?}."""
         dp = self.exp.dp
-        n = max(len(w) for w in waves)
-        n = -(-n // PAD_MULTIPLE) * PAD_MULTIPLE
-        rows = -(-len(waves) // dp) * dp
+        n = padded_length(max(len(w) for w in waves), self.max_samples)
+        rows = 2 ** math.ceil(math.log2(len(waves)))  # Few batch shapes, too.
+        rows = -(-rows // dp) * dp
         batch = {"audio": np.zeros((rows, n), np.float32),
                  "length": np.full((rows,), PAD_MULTIPLE, np.int32)}
         for i, w in enumerate(waves):
@@ -47,44 +83,138 @@ class Predictor:
             batch["length"][i] = len(w)
         with self.exp.mesh_context():
             out = self.exp.eval_step()(self.params, self.exp.device_batch(batch))
-        return np.asarray(jax.device_get(out["probs"]))[:len(waves)]
+        out = jax.device_get(out)
+        return {k: np.asarray(v)[:len(waves)] for k, v in out.items()}
+
+    def _chunks(self, wave: np.ndarray) -> list[np.ndarray]:
+        """The wave cut into pieces the encoder takes in one pass (usually one)."""
+        if self.max_samples is None or len(wave) <= self.max_samples:
+            return [wave]
+        pieces = [wave[s:s + self.max_samples] for s in range(0, len(wave), self.max_samples)]
+        if len(pieces) > 1 and len(pieces[-1]) < MIN_SECONDS * SAMPLE_RATE:
+            pieces = pieces[:-1]  # A sliver at the end would only add noise.
+        return pieces
+
+    def probabilities(self, waves: Sequence[np.ndarray], batch_size: int = 8) -> dict:
+        """Class probabilities of 16 kHz waveforms as arrays.
+
+        Returns {"probs": [n, K]} and, for frame-level models, "frame_probs": a list of
+        [frames_i, K] arrays (valid frames only) and "frame_seconds" (the frame hop).
+        """
+        waves = [self._check_wave(w, i) for i, w in enumerate(waves)]
+        pieces, owner = [], []
+        for i, w in enumerate(waves):
+            for piece in self._chunks(w):
+                pieces.append(piece)
+                owner.append(i)
+        probs = np.zeros((len(pieces), len(self.labels)), np.float64)
+        frames: list[np.ndarray | None] = [None] * len(pieces)
+        order = np.argsort([len(p) for p in pieces], kind="stable")  # Similar lengths batch.
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            out = self._run([pieces[j] for j in idx])
+            probs[idx] = out["probs"]
+            if "frame_probs" in out:
+                for row, j in enumerate(idx):
+                    frames[j] = out["frame_probs"][row][out["frame_mask"][row].astype(bool)]
+        owner = np.asarray(owner)
+        weights = np.asarray([len(p) for p in pieces], np.float64)
+        result = {"probs": np.stack([np.average(probs[owner == i], axis=0,
+                                                weights=weights[owner == i])
+                                     for i in range(len(waves))]) if waves else probs,
+                  "chunks": np.bincount(owner, minlength=len(waves))}
+        if self.has_frames:
+            result["frame_probs"] = [np.concatenate([frames[j] for j in np.flatnonzero(owner == i)])
+                                     for i in range(len(waves))]
+            result["frame_seconds"] = PAD_MULTIPLE / SAMPLE_RATE
+        return result
+
+    @staticmethod
+    def _check_wave(wave, index: int) -> np.ndarray:
+        wave = np.asarray(wave, np.float32)
+        if wave.ndim != 1:
+            raise ValueError(f"input {index}: expected a mono waveform [samples], got shape "
+                             f"{wave.shape}")
+        if len(wave) < MIN_SECONDS * SAMPLE_RATE:
+            raise ValueError(f"input {index}: {len(wave)} samples is shorter than "
+                             f"{MIN_SECONDS} s at {SAMPLE_RATE} Hz")
+        if not np.all(np.isfinite(wave)):
+            raise ValueError(f"input {index}: NaN or inf samples")
+        return wave
+
+    # ------------------------------------------------------------------ dict outputs
 
     def _row(self, probs: np.ndarray) -> dict:
-        return {"distribution": {l: round(float(p), 6) for l, p in zip(self.labels, probs)},
+        return {"distribution": dict(zip(self.labels, _round(probs), strict=True)),
                 "top": self.labels[int(np.argmax(probs))]}
 
     def predict_waveforms(self, waves: Sequence[np.ndarray], batch_size: int = 8,
-                          window: float = 0.0, hop: float = 0.0) -> list[dict]:
-        """One dict per 16 kHz mono waveform; `timeline` rows when window > 0."""
+                          window: float = 0.0, hop: float = 0.0,
+                          sample_rate: int = SAMPLE_RATE, frames: bool = True) -> list[dict]:
+        """One dict per mono waveform (resampled to 16 kHz when `sample_rate` differs).
+
+        Keys: `duration` (s), `distribution` {label: p}, `top`; `chunks` when the wave was
+        longer than one encoder pass; `timeline` rows when window > 0; `frame_probs`
+        ([frames][K]) and `frame_seconds` for frame-level models when `frames`.
+        """
+        waves = [self._resampled(w, sample_rate) for w in waves]
+        out = self.probabilities(waves, batch_size)
         results = []
-        for start in range(0, len(waves), batch_size):
-            chunk = [np.asarray(w, np.float32) for w in waves[start:start + batch_size]]
-            results.extend(self._row(p) for p in self._probs(chunk))
-        if window > 0:
-            for result, wave in zip(results, waves):
-                result["timeline"] = self.timeline(wave, window, hop or window, batch_size)
+        for i, wave in enumerate(waves):
+            row = {"duration": round(len(wave) / SAMPLE_RATE, 3), **self._row(out["probs"][i])}
+            if out["chunks"][i] > 1:
+                row["chunks"] = int(out["chunks"][i])
+            if frames and "frame_probs" in out:
+                row["frame_seconds"] = out["frame_seconds"]
+                row["frame_probs"] = [_round(p) for p in out["frame_probs"][i]]
+            if window > 0:
+                row["timeline"] = self.timeline(wave, window, hop or window, batch_size)
+            results.append(row)
         return results
+
+    @staticmethod
+    def _resampled(wave, sample_rate: int) -> np.ndarray:
+        wave = np.asarray(wave, np.float32)
+        if sample_rate != SAMPLE_RATE and wave.ndim == 1:
+            wave = audio_io.resample(wave, sample_rate, SAMPLE_RATE).astype(np.float32)
+        return wave
+
+    def window_starts(self, samples: int, window: float, hop: float) -> list[int]:
+        """First samples of the windows covering `samples`; the last one ends at the end."""
+        size, step = int(round(window * SAMPLE_RATE)), int(round(hop * SAMPLE_RATE))
+        if size < MIN_SECONDS * SAMPLE_RATE or step <= 0:
+            raise ValueError(f"window ({window} s) must be >= {MIN_SECONDS} s and hop ({hop} s) "
+                             "> 0")
+        if self.max_samples is not None and size > self.max_samples:
+            raise ValueError(f"window {window} s is longer than the encoder takes in one pass "
+                             f"({self.max_samples / SAMPLE_RATE:g} s)")
+        starts = list(range(0, max(samples - size, 0) + 1, step))
+        if starts[-1] + size < samples:
+            starts.append(samples - size)
+        return starts
 
     def timeline(self, wave: np.ndarray, window: float, hop: float,
                  batch_size: int = 8) -> list[dict]:
-        """The distribution over time: one row per window with start/end seconds."""
-        size, step = int(window * SAMPLE_RATE), max(int(hop * SAMPLE_RATE), 1)
-        starts = list(range(0, max(len(wave) - size, 0) + 1, step))
-        if starts[-1] + size < len(wave):
-            starts.append(len(wave) - size if len(wave) > size else 0)
-        pieces = [np.asarray(wave[s:s + size], np.float32) for s in starts]
-        rows = []
-        for i in range(0, len(pieces), batch_size):
-            for s, p in zip(starts[i:i + batch_size], self._probs(pieces[i:i + batch_size])):
-                end = min(s + size, len(wave))
-                rows.append({"start": round(s / SAMPLE_RATE, 3),
-                             "end": round(end / SAMPLE_RATE, 3), **self._row(p)})
-        return rows
+        """The distribution over time: one row per window with start/end seconds.
+
+        Windows of `window` seconds every `hop` seconds; a last window ends at the end of
+        the wave, so every sample is covered.
+        """
+        wave = self._check_wave(wave, 0)
+        size = int(round(window * SAMPLE_RATE))
+        starts = self.window_starts(len(wave), window, hop)
+        probs = self.probabilities([wave[s:s + size] for s in starts], batch_size)["probs"]
+        return [{"start": round(s / SAMPLE_RATE, 3),
+                 "end": round(min(s + size, len(wave)) / SAMPLE_RATE, 3), **self._row(p)}
+                for s, p in zip(starts, probs, strict=True)]
 
     def predict_files(self, paths: Sequence[str | Path], batch_size: int = 8,
                       window: float = 0.0, hop: float = 0.0,
-                      max_seconds: float = 3600.0) -> list[dict]:
-        """One dict per file; a file that cannot be used gets an `error` and the rest go on."""
+                      max_seconds: float = 3600.0, frames: bool = True) -> list[dict]:
+        """One dict per file (any format, rate, channels, length), in order.
+
+        A file that cannot be used gets {"file", "error"} and the others go on.
+        """
         results: list[dict | None] = [None] * len(paths)
         good, waves = [], []
         for i, path in enumerate(paths):
@@ -94,15 +224,20 @@ class Predictor:
             except audio_io.AudioError as e:
                 results[i] = {"file": str(path), "error": str(e)}
                 continue
+            except Exception as e:  # noqa: BLE001 - one bad file must not stop the rest
+                results[i] = {"file": str(path), "error": f"{type(e).__name__}: {e}"}
+                continue
             good.append(i)
             waves.append(wave)
-        for i, result in zip(good, self.predict_waveforms(waves, batch_size, window, hop)):
+        outputs = self.predict_waveforms(waves, batch_size, window, hop, frames=frames)
+        for i, result in zip(good, outputs, strict=True):
             results[i] = {"file": str(paths[i]), **result}
         return results
 
-    def __call__(self, inputs, **kwargs) -> list[dict]:
-        """Paths or arrays (16 kHz mono), as a list or a single one."""
-        single = isinstance(inputs, str | Path | np.ndarray)
+    def __call__(self, inputs, **kwargs) -> dict | list[dict]:
+        """Paths or arrays (mono; `sample_rate=` if not 16 kHz), as a list or a single one."""
+        single = isinstance(inputs, str | Path) or (isinstance(inputs, np.ndarray)
+                                                    and inputs.ndim == 1)
         items = [inputs] if single else list(inputs)
         if items and isinstance(items[0], str | Path):
             out = self.predict_files(items, **kwargs)
