@@ -1,0 +1,109 @@
+"""Export: TensorFlow SavedModel (jax2tf), StableHLO (jax.export), Hugging Face encoder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxser import config as config_lib
+from jaxser import export
+from jaxser.data import prepare, synthetic
+from jaxser.evaluate import load_for_inference
+from jaxser.predict import Predictor
+from jaxser.train import loop
+
+pytestmark = pytest.mark.slow
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+
+
+def tiny_workdir(tmp_path_factory) -> Path:
+    """ROOT with corpus/, data/ and train/ (a 2-step frame_logits model); built once."""
+    root = tmp_path_factory.getbasetemp() / "jaxser_tiny_workdir"
+    if not (root / "DONE").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        manifest = synthetic.generate_corpus(root / "corpus", num_speakers=6,
+                                             utterances_per_speaker=4, seed=1)
+        prepare.prepare([manifest], root / "data", split="speaker:60/20/20", workers=0,
+                        progress=False)
+        loop.train(config_lib.load_config(f"{CONFIG}:smoke", [
+            f"--config.workdir={root / 'train'}", f"--config.data.dir={root / 'data'}",
+            "--config.train.max_steps=2", "--config.train.eval_every=2",
+            "--config.data.num_buckets=1", "--config.model.pooling=frame_logits"]))
+        (root / "DONE").write_text("ok")
+    return root
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tiny_workdir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Three waveforms of different lengths (not multiples of 320), zero-padded."""
+    rng = np.random.default_rng(0)
+    speaker = synthetic.make_speakers(1, ["synth_de"], seed=5)[0]
+    waves = [synthetic.synthesize_utterance(rng, np.eye(6)[i], speaker,
+                                            synthetic.language_profile("synth_de"), s, 16000)
+             for i, s in enumerate((1.7013, 0.61, 2.2))]
+    lengths = np.asarray([len(w) for w in waves], np.int32)
+    audio = np.zeros((3, lengths.max()), np.float32)
+    for i, w in enumerate(waves):
+        audio[i, :len(w)] = w
+    return waves, audio, lengths
+
+
+@pytest.fixture(scope="module")
+def reference(root, batch):
+    return Predictor.load(root / "train").probabilities(batch[0])
+
+
+def test_savedmodel_matches_jaxser(root, batch, reference, tmp_path):
+    import tensorflow as tf
+
+    out = export.export_savedmodel(root / "train", tmp_path / "saved")
+    assert (out / "saved_model.pb").exists()
+    meta = json.loads((out / export.METADATA).read_text())
+    assert meta["checkpoint_step"] == 2 and meta["max_seconds"] == 30.0
+    loaded = tf.saved_model.load(str(out))
+    serve = loaded.signatures["serving_default"]
+    _, audio, lengths = batch
+    result = serve(waveform=tf.constant(audio), lengths=tf.constant(lengths))
+    np.testing.assert_allclose(result["probs"].numpy(), reference["probs"], atol=1e-4)
+    assert [s.decode() for s in loaded.labels.numpy()] == meta["labels"]
+    frames, mask = result["frame_probs"].numpy(), result["frame_mask"].numpy()
+    for i, expected in enumerate(reference["frame_probs"]):
+        np.testing.assert_allclose(frames[i][mask[i]], expected, atol=1e-4)
+    # Another batch size and length through the same signature, and the numpy loader.
+    model = export.load_savedmodel(out)
+    one = model(batch[0][1])
+    np.testing.assert_allclose(one[0], reference["probs"][1], atol=1e-4)
+
+
+def test_stablehlo_matches_jaxser(root, batch, reference, tmp_path):
+    out = export.export_stablehlo(root / "train", tmp_path / "shlo")
+    model = export.load_stablehlo(out)
+    _, audio, lengths = batch
+    np.testing.assert_allclose(model(audio, lengths), reference["probs"], atol=1e-4)
+    assert model.labels == json.loads((out / export.METADATA).read_text())["labels"]
+
+
+def test_export_encoder(root, tmp_path):
+    import transformers
+
+    from jaxser.models.pretrained import load_pretrained
+
+    out = export.export_encoder(root / "train", tmp_path / "hf")
+    assert (out / "model.safetensors").exists()
+    assert transformers.AutoConfig.from_pretrained(out).model_type == "whisper"
+    family, cfg, params = load_pretrained(out)
+    exp, trained, _, _ = load_for_inference(root / "train")
+    assert family == "whisper" and cfg.d_model == exp.enc_cfg.d_model
+    expected = jax.device_get(trained["model"]["encoder"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b)),
+                 params, expected)
