@@ -243,8 +243,11 @@ def timeline_figure(rows: Sequence[dict], labels: Sequence[str],
                     title: str = "emotion over time") -> Figure:
     """Predicted distribution over time (stacked, at window centres); with `segments`
     [(start, end, {label: p})] the true dominant emotion as a strip above."""
-    centres = np.asarray([(r["start"] + r["end"]) / 2 for r in rows])
+    # Window centres, held flat out to the first start and the last end.
+    times = np.asarray([rows[0]["start"], *((r["start"] + r["end"]) / 2 for r in rows),
+                        rows[-1]["end"]])
     probs = np.asarray([[r["distribution"][lb] for lb in labels] for r in rows]).T  # [K, T]
+    probs = np.concatenate([probs[:, :1], probs, probs[:, -1:]], axis=1)  # [K, T + 2]
     colors = [f"C{i % 10}" for i in range(len(labels))]
     fig = Figure(figsize=(10, 3.8 if segments else 3.2), dpi=DPI)
     if segments:
@@ -258,7 +261,7 @@ def timeline_figure(rows: Sequence[dict], labels: Sequence[str],
         ax_true.set_ylabel("true", rotation=0, ha="right", va="center")
     else:
         ax = fig.subplots()
-    ax.stackplot(centres, probs, labels=_short(labels), colors=colors, alpha=0.9)
+    ax.stackplot(times, probs, labels=_short(labels), colors=colors, alpha=0.9)
     ax.set_xlim(rows[0]["start"], rows[-1]["end"])
     ax.set_ylim(0, 1)
     ax.set_xlabel("time (s)")

@@ -15,10 +15,11 @@ import pytest
 
 from jaxser import config as config_lib
 from jaxser import evaluate
+from jaxser import report as report_lib
 from jaxser.data import prepare, synthetic
 from jaxser.train import loop
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow  # Tests that need the trained workdir.
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -50,6 +51,7 @@ def report(root):
     return evaluate.evaluate_workdir(root / "train", "test")
 
 
+@slow
 def test_report_json(root, report):
     saved = json.loads((root / "train" / "eval" / "test.json").read_text())
     assert saved["checkpoint_step"] == report["checkpoint_step"] == 2
@@ -69,6 +71,7 @@ def test_report_json(root, report):
     assert saved["soft_labels"] is True and saved["prior_source"]
 
 
+@slow
 def test_predictions_jsonl(root, report):
     rows = [json.loads(line) for line in
             (root / "train" / "eval" / "test_predictions.jsonl").read_text().splitlines()]
@@ -79,6 +82,7 @@ def test_predictions_jsonl(root, report):
         assert row["top"] == max(row["prediction"], key=row["prediction"].get)
 
 
+@slow
 def test_plots_written(root, report):
     names = {"confusion", "recall", "baselines", "mean_distribution", "examples"}
     assert set(report["plots"]) == names
@@ -87,6 +91,7 @@ def test_plots_written(root, report):
         assert Path(path).read_bytes()[:8] == PNG_MAGIC
 
 
+@slow
 def test_text_tables(report):
     text = evaluate.format_report(report)
     assert "checkpoint step 2" in text and "per group" in text
@@ -97,6 +102,7 @@ def test_text_tables(report):
     assert "corpus=" in evaluate.format_group_table(report)
 
 
+@slow
 def test_checkpoint_choice(root):
     latest = evaluate.evaluate_workdir(root / "train", "validation", "latest", plots=False)
     by_step = evaluate.evaluate_workdir(root / "train", "validation", "2", plots=False)
@@ -110,6 +116,7 @@ def test_checkpoint_choice(root):
         evaluate.evaluate_workdir(root / "train", "dev")
 
 
+@slow
 def test_other_dataset_same_labels_other_order(root, report, tmp_path):
     """A dataset prepared with a taxonomy listing the same classes in another order."""
     labels = report["labels"]
@@ -131,6 +138,7 @@ def test_other_dataset_same_labels_other_order(root, report, tmp_path):
         assert cross["prior"][key] == pytest.approx(report["prior"][key], abs=1e-6)
 
 
+@slow
 def test_other_dataset_different_labels_is_an_error(root, tmp_path):
     other = tmp_path / "data_basic"
     prepare.prepare([root / "corpus" / "manifest.csv"], other, taxonomy="basic",
@@ -139,6 +147,7 @@ def test_other_dataset_different_labels_is_an_error(root, tmp_path):
         evaluate.evaluate_workdir(root / "train", "test", data_dir=str(other))
 
 
+@slow
 def test_speaker_overlap_is_reported(root, tmp_path, caplog):
     leaky = tmp_path / "leaky"
     shutil.copytree(root / "data", leaky)
@@ -160,3 +169,32 @@ def test_speaker_overlap_is_reported(root, tmp_path, caplog):
     assert "share speakers" in leak["warnings"][0]
     assert "share speakers" in caplog.text
     assert "WARNING: the dataset's splits share speakers" in evaluate.format_report(leak)
+
+
+def test_report_helpers(tmp_path):
+    confusion = [[2, 1, 0], [0, 0, 0], [0, 1, 3]]
+    norm = report_lib.normalised_confusion(confusion)
+    np.testing.assert_allclose(norm[0], [2 / 3, 1 / 3, 0])
+    assert np.isnan(norm[1]).all()
+    labels = ["a", "b", "c"]
+    rows = [{"id": f"u{i}", "prediction": dict(zip(labels, [0.5, 0.3, 0.2], strict=True)),
+             "target": dict(zip(labels, np.eye(3)[i % 3], strict=True))} for i in range(7)]
+    assert not report_lib.is_soft(rows)
+    rows[0]["target"] = {"a": 0.6, "b": 0.4, "c": 0.0}
+    assert report_lib.is_soft(rows)
+    assert [r["id"] for r in report_lib.pick_examples(rows, 3)] == ["u0", "u3", "u6"]
+    timeline = [{"start": s, "end": s + 2.0, "distribution": {"a": 0.2, "b": 0.5, "c": 0.3}}
+                for s in (0.0, 1.0, 2.0)]
+    fig = report_lib.timeline_figure(timeline, labels, [(0.0, 2.5, {"a": 1.0}),
+                                                        (2.5, 4.0, {"c": 1.0})])
+    path = report_lib.save(fig, tmp_path / "t.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    for figure in (report_lib.confusion_figure(confusion, labels),
+                   report_lib.recall_figure(confusion, labels),
+                   report_lib.mean_distribution_figure(rows, labels),
+                   report_lib.examples_figure(rows, labels, 2)):
+        assert report_lib.save(figure, tmp_path / "f.png").stat().st_size > 1000
+    table = report_lib.overall_table({"metrics": {"kl": 0.5, "ua": float("nan")},
+                                      "prior": {"kl": -0.0}, "majority": {}})
+    assert table.splitlines()[2].split() == ["kl", "0.5000", "0.0000", "-"]
+    assert table.splitlines()[3].split() == ["ua", "-", "-", "-"]
