@@ -99,14 +99,15 @@ EMOTION_PROFILES: dict[str, VoiceParams] = {
     "surprised": VoiceParams(5.0, 9.0, 6.5, 0.15, 0.88, 1.00, 2.0, 0.30, 0.55, 0.010, 0.05, 0.15,
                              1.04),
 }
-_PROFILE_TABLE = np.array([astuple(EMOTION_PROFILES[e]) for e in EMOTIONS])  # [emotions, params]
+_PROFILE_TABLE = np.array([astuple(EMOTION_PROFILES[e]) for e in EMOTIONS])  # [emotions, fields]
 
 
 _FIELDS = {name: i for i, name in enumerate(VoiceParams.__dataclass_fields__)}
-# Moderate utterance-to-utterance variation within one emotion: per field an additive
-# spread (shifts, dB, tilt) or a log-scale spread (factors, levels).
-_SPREAD_ADD = np.array([0.5, 0, 0.8, 0, 0, 0, 0.8, 0.08, 0.02, 0, 0, 0, 0])
-_SPREAD_LOG = np.array([0, 0.15, 0, 0.2, 0.05, 0.15, 0, 0, 0, 0.2, 0.2, 0.2, 0.01])
+# Utterance-to-utterance variation within one emotion, kept small so that emotion cues stay
+# strong next to speaker differences: per field an additive spread (shifts, dB, tilt) or a
+# log-scale spread (factors, levels); one standard-normal draw per field and utterance.
+_SPREAD_ADD = np.array([0.3, 0, 0.5, 0, 0, 0, 0.5, 0.05, 0.015, 0, 0, 0, 0])
+_SPREAD_LOG = np.array([0, 0.09, 0, 0.12, 0.03, 0.1, 0, 0, 0, 0.12, 0.12, 0.12, 0.006])
 # How far each word of a mixed utterance leans from the blend towards one of the mixture's
 # emotions (0: the plain blend throughout; 1: word by word switching).
 WORD_LEAN = 0.8
@@ -288,20 +289,20 @@ def make_speakers(num_speakers: int, corpora: Sequence[str] = ("synth_en", "synt
         gender = GENDERS[(j + gender_start) % 2]
         age = AGES[int(age_order[(j // 2 + i) % len(AGES)])]
         female = gender == "female"
-        f0_st = rng.normal(0.0, 1.2) + {"young": 1.0, "adult": 0.0,
-                                        "senior": -1.5 if female else 1.0}[age]
-        base_f0 = (205.0 if female else 115.0) * 2.0 ** (np.clip(f0_st, -3.0, 3.0) / 12.0)
-        scale = (1.16 if female else 1.0) + rng.normal(0.0, 0.03) + (0.03 if age == "young"
-                                                                     else 0.0)
+        f0_st = rng.normal(0.0, 0.8) + {"young": 0.8, "adult": 0.0,
+                                        "senior": -1.0 if female else 0.8}[age]
+        base_f0 = (205.0 if female else 115.0) * 2.0 ** (np.clip(f0_st, -2.5, 2.5) / 12.0)
+        scale = ((1.16 if female else 1.0) + rng.normal(0.0, 0.02)
+                 + (0.03 if age == "young" else 0.0))
         speakers.append(SpeakerProfile(
             speaker=f"spk{i:0{width}d}", corpus=corpus, gender=gender, age=age,
             base_f0=float(base_f0), formant_scale=float(scale),
-            rate_scale=float(rng.lognormal(0.0, 0.05) * (0.93 if age == "senior" else 1.0)),
-            energy_db=float(rng.normal(0.0, 1.0)),
-            range_scale=float(rng.uniform(0.85, 1.15)),
-            breathiness=float(0.02 * female + (0.04 if age == "senior" else 0.0)
+            rate_scale=float(rng.lognormal(0.0, 0.03) * (0.95 if age == "senior" else 1.0)),
+            energy_db=float(rng.normal(0.0, 0.6)),
+            range_scale=float(rng.uniform(0.9, 1.1)),
+            breathiness=float(0.02 * female + (0.03 if age == "senior" else 0.0)
                               + rng.uniform(0.0, 0.02)),
-            jitter=float(0.002 + (0.008 if age == "senior" else 0.0)
+            jitter=float(0.002 + (0.006 if age == "senior" else 0.0)
                          + rng.uniform(0.0, 0.003)),
         ))
     return speakers
