@@ -16,8 +16,10 @@ Every export writes `jaxser_export.json` beside it (labels, sample rate, checkpo
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import flax.linen as nn
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxser.evaluate import load_for_inference
-from jaxser.models import ser_model
+from jaxser.models import attention, ser_model
 
 SAMPLE_RATE = 16000
 PAD_MULTIPLE = 320  # Samples per encoder output frame (Whisper and the wav2vec2 family).
@@ -36,10 +38,29 @@ STABLEHLO_FILE = "model.stablehlo"
 WEIGHTS_FILE = "weights.npz"
 
 
-def inference_function(exp) -> Callable:
+@contextlib.contextmanager
+def portable_attention() -> Iterator[None]:
+    """While tracing for export, attention 'auto' means 'einsum'.
+
+    An export runs on several platforms, so it must not bake in the tracing machine's
+    choice (cuDNN on GPU, the blockwise kernel on CPU, which also needs concrete lengths
+    while exports have a symbolic one). Pooling layers use 'auto', hence the override.
+    """
+    original = attention.default_implementation
+    attention.default_implementation = lambda: "einsum"
+    try:
+        yield
+    finally:
+        attention.default_implementation = original
+
+
+def inference_function(exp, portable: bool = True) -> Callable:
     """`(params, waveform [B, N], lengths [B]) -> {"probs", ...}`: the eval step on
-    unsharded weights, N a multiple of PAD_MULTIPLE."""
+    unsharded weights, N a multiple of PAD_MULTIPLE. `portable`: einsum attention in the
+    encoder (trace under `portable_attention()` for the rest)."""
     model = exp.model
+    if portable and hasattr(exp.enc_cfg, "attention"):
+        model = model.clone(encoder_cfg=dataclasses.replace(exp.enc_cfg, attention="einsum"))
 
     def infer(params, waveform, lengths):
         inputs, mask = ser_model.features(model.family, model.encoder_cfg, waveform, lengths)
@@ -105,7 +126,8 @@ def export_savedmodel(workdir: str | Path, out_dir: str | Path, checkpoint: str 
     module.serve = serve
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tf.saved_model.save(module, str(out), signatures={"serving_default": serve})
+    with portable_attention():  # `serve` is traced here.
+        tf.saved_model.save(module, str(out), signatures={"serving_default": serve})
     _write_metadata(out, exp, step, workdir, "tf_saved_model", platforms=list(platforms),
                     signature="serving_default(waveform [B, N] float32, lengths [B] int32)",
                     max_seconds=_max_seconds(exp))
@@ -193,8 +215,9 @@ def export_stablehlo(workdir: str | Path, out_dir: str | Path, checkpoint: str =
     specs = (jax.tree.map(lambda w: jax.ShapeDtypeStruct(w.shape, w.dtype), weights),
              jax.ShapeDtypeStruct((b, PAD_MULTIPLE * t), jnp.float32),
              jax.ShapeDtypeStruct((b,), jnp.int32))
-    exported = jax_export.export(jax.jit(inference_function(exp)),
-                                 platforms=tuple(platforms))(*specs)
+    with portable_attention():
+        exported = jax_export.export(jax.jit(inference_function(exp)),
+                                     platforms=tuple(platforms))(*specs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / STABLEHLO_FILE).write_bytes(exported.serialize())
@@ -233,3 +256,15 @@ def export_encoder(workdir: str | Path, out_dir: str | Path, checkpoint: str = "
     out = export_pretrained(exp.cfg.model.encoder, exp.enc_cfg, encoder, out_dir)
     _write_metadata(Path(out), exp, step, workdir, "huggingface_encoder")
     return Path(out)
+
+
+EXPORTERS = {"savedmodel": export_savedmodel, "stablehlo": export_stablehlo,
+             "encoder": export_encoder}
+
+
+def export_model(workdir: str | Path, out_dir: str | Path, format: str = "savedmodel",
+                 checkpoint: str = "best") -> Path:
+    """`jaxser export`: one of EXPORTERS by name (savedmodel, stablehlo, encoder)."""
+    if format not in EXPORTERS:
+        raise ValueError(f"unknown export format {format!r}: {', '.join(EXPORTERS)}")
+    return EXPORTERS[format](workdir, out_dir, checkpoint=checkpoint)

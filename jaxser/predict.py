@@ -49,6 +49,13 @@ def max_pass_samples(exp) -> int | None:
     return None
 
 
+def frame_hop_samples(exp) -> int:
+    """Samples per encoder output frame: Whisper 320 (hop 160, stride 2); the wav2vec2
+    family the product of its conv strides (320 for the published models)."""
+    strides = getattr(exp.enc_cfg, "conv_stride", None)
+    return int(np.prod(strides)) if exp.cfg.model.encoder != "whisper" and strides else 320
+
+
 def _round(probs: np.ndarray) -> list[float]:
     return [round(float(p), DECIMALS) for p in probs]
 
@@ -61,6 +68,7 @@ class Predictor:
         self.labels = list(exp.labels)
         self.max_samples = max_pass_samples(exp)
         self.has_frames = exp.cfg.model.pooling == "frame_logits"
+        self.frame_seconds = frame_hop_samples(exp) / SAMPLE_RATE
 
     @classmethod
     def load(cls, workdir: str | Path, checkpoint: str = "best") -> Predictor:
@@ -126,7 +134,7 @@ class Predictor:
         if self.has_frames:
             result["frame_probs"] = [np.concatenate([frames[j] for j in np.flatnonzero(owner == i)])
                                      for i in range(len(waves))]
-            result["frame_seconds"] = PAD_MULTIPLE / SAMPLE_RATE
+            result["frame_seconds"] = self.frame_seconds
         return result
 
     @staticmethod
