@@ -74,10 +74,9 @@ def cmd_train(args, overrides: list[str]) -> None:
 def cmd_evaluate(args) -> None:
     from jaxser import evaluate
 
-    report = evaluate.evaluate_workdir(args.workdir, args.split, args.checkpoint, args.data)
-    print(f"{args.split} at step {report['checkpoint_step']} "
-          f"({report['metrics']['count']} utterances):")
-    print(evaluate.format_table(report))
+    report = evaluate.evaluate_workdir(args.workdir, args.split, args.checkpoint, args.data,
+                                       plots=not args.no_plots)
+    print(evaluate.format_report(report))
 
 
 def cmd_predict(args) -> None:
@@ -85,8 +84,15 @@ def cmd_predict(args) -> None:
 
     predictor = Predictor.load(args.workdir, args.checkpoint)
     for row in predictor.predict_files(args.files, batch_size=args.batch_size,
-                                       window=args.window, hop=args.hop):
+                                       window=args.window, hop=args.hop,
+                                       max_seconds=args.max_seconds):
         print(json.dumps(row))
+
+
+def cmd_export(args) -> None:
+    from jaxser import export
+
+    print(export.export_model(args.workdir, args.out, args.format, args.checkpoint))
 
 
 def cmd_demo(args) -> None:
@@ -154,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split to evaluate")
     p.add_argument("--checkpoint", default="best", help="best | latest | STEP")
     p.add_argument("--data", help="another prepared dataset (cross-corpus evaluation)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="emotion distribution of audio files (JSON lines)")
@@ -164,7 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds per window for emotion over time (0: whole file)")
     p.add_argument("--hop", type=float, default=0.0, help="seconds between windows")
     p.add_argument("--batch-size", type=int, default=8, help="files per batch")
+    p.add_argument("--max-seconds", type=float, default=3600.0,
+                   help="reject longer files (longer than one encoder pass is chunked)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="TF SavedModel, StableHLO or HF encoder of a workdir")
+    p.add_argument("--workdir", required=True, help="the training workdir")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--format", default="savedmodel",
+                   choices=("savedmodel", "stablehlo", "encoder"),
+                   help="savedmodel (TensorFlow via jax2tf) | stablehlo (jax.export) | "
+                   "encoder (Hugging Face folder)")
+    p.add_argument("--checkpoint", default="best", help="best | latest | STEP")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="generate -> prepare -> train -> evaluate -> predict")
     p.add_argument("--workdir", default="runs/demo", help="where everything is written")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from jaxser import config as config_lib
 from jaxser.data import prepare, synthetic
-from jaxser.evaluate import evaluate_workdir, format_table
+from jaxser.evaluate import evaluate_workdir, format_report
 from jaxser.predict import Predictor
 from jaxser.train import loop
 
@@ -49,7 +49,7 @@ def run_demo(workdir: str | Path = "runs/demo", fast: bool = False) -> dict:
 
     _stage("evaluate on held-out speakers (test split)")
     report = evaluate_workdir(cfg.workdir, "test")
-    print(format_table(report))
+    print(format_report(report))
 
     _stage("predict")
     test_ids = [json.loads(line)["id"] for line in
