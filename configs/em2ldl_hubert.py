@@ -1,0 +1,101 @@
+"""EM2LDL baseline (arXiv 2511.20106): an SSL encoder learning 32-class emotion distributions.
+
+HuBERT-large -> masked mean pooling -> linear head -> log-softmax, trained with
+KL(target || prediction) + 0.3 * (1 - cosine), Adam at 1e-5, batch 32, 20 epochs; the best
+epoch is the one with the lowest validation KL. `jaxser evaluate` reports the six LDL metrics
+(KL, cosine, Chebyshev, Clark, Canberra, intersection) overall and per group column.
+
+Variants (`--config configs/em2ldl_hubert.py:VARIANT`), each a speaker-independent evaluation of
+the paper, reading its own prepared folder (see EVALUATIONS for the `jaxser prepare` split):
+  ""              overall: speakers 70/10/20 (train/validation/test)
+  gender_female   train on male speakers, test on female   (logo:gender=female)
+  gender_male     train on female speakers, test on male   (logo:gender=male)
+  age_youth       test on Youth speakers                   (logo:ageClass=Youth)
+  age_nonyouth    test on Non-Youth speakers               (logo:ageClass=Non-Youth)
+  mbti_in|mbti_is|mbti_en|mbti_es   leave one personality type out (logo:mbtiDouble=in ...)
+                  on the speakers with an MBTI annotation (filter the manifest first)
+  smoke           a tiny random HuBERT that trains in seconds on CPU (tests)
+
+Other encoders through fields: `--config.model.encoder=wav2vec2` (wav2vec2 / XLS-R checkpoints)
+or `--config.model.encoder=whisper`, with `--config.model.pretrained=<HF folder>`.
+"""
+
+from jaxser.config import base_config
+
+# Variant -> (prepare split spec, folder suffix). The data folder is data/em2ldl_<suffix>.
+EVALUATIONS = {
+    "": ("speaker:70/10/20", "overall"),
+    "gender_female": ("logo:gender=female", "gender_female"),
+    "gender_male": ("logo:gender=male", "gender_male"),
+    "age_youth": ("logo:ageClass=Youth", "age_youth"),
+    "age_nonyouth": ("logo:ageClass=Non-Youth", "age_nonyouth"),
+    "mbti_in": ("logo:mbtiDouble=in", "mbti_in"),
+    "mbti_is": ("logo:mbtiDouble=is", "mbti_is"),
+    "mbti_en": ("logo:mbtiDouble=en", "mbti_en"),
+    "mbti_es": ("logo:mbtiDouble=es", "mbti_es"),
+}
+
+
+def prepare_command(variant: str = "", manifest: str = "em2ldl.csv") -> str:
+    """The `jaxser prepare` command that builds the data folder a variant reads."""
+    split, suffix = EVALUATIONS[variant]
+    return (f"jaxser prepare --manifest {manifest} --out data/em2ldl_{suffix} "
+            f"--taxonomy em2ldl32 --split {split}")
+
+
+def get_config(variant: str = ""):
+    c = base_config()
+    if variant not in EVALUATIONS and variant != "smoke":
+        raise ValueError(f"unknown variant {variant!r} of configs/em2ldl_hubert.py: "
+                         f"{', '.join(['smoke', *[v for v in EVALUATIONS if v]])}")
+    suffix = EVALUATIONS.get(variant, EVALUATIONS[""])[1]
+    c.workdir = f"runs/em2ldl_hubert/{suffix}"  # Checkpoints, logs and eval reports.
+    c.data.dir = f"data/em2ldl_{suffix}"  # Prepared by prepare_command(variant) (docs).
+    c.data.global_batch = 32  # Utterances per step, as the paper.
+    c.data.eval_batch = 32  # Utterances per evaluation batch.
+    c.data.num_buckets = 4  # Length buckets: less padding, a few compiled shapes.
+
+    c.model.encoder = "hubert"  # HuBERT (wav2vec2 / whisper through this field).
+    c.model.size = "hubert-large"  # Architecture preset (the checkpoint's config wins).
+    c.model.pretrained = "checkpoints/hubert-large-ll60k"  # Local HF folder (config + weights).
+    c.model.pooling = "mean"  # Masked mean over the valid frames.
+    c.model.head_hidden = 0  # Linear head onto the 32 classes.
+    c.model.dropout = 0.0  # No dropout before the head.
+
+    c.loss.kl = 1.0  # KL(target || prediction) on the log-softmax.
+    c.loss.cosine = 0.3  # + 0.3 * (1 - cosine(prediction, target)).
+
+    c.optim.name = "adam"  # Plain Adam, as the paper.
+    c.optim.lr = 1e-5  # Whole model fine-tuned at 1e-5.
+    c.optim.schedule = "constant"  # No decay, no warmup.
+    c.optim.weight_decay = 0.0  # No weight decay.
+    c.optim.clip_norm = 0.0  # No gradient clipping.
+
+    c.train.epochs = 20  # Passes over the training split.
+    c.train.eval_every = 0  # Validation once per epoch (best epoch).
+    c.train.best_metric = "kl"  # Lowest validation KL picks the best epoch.
+    c.train.keep_best = 1  # Only the best checkpoint is kept.
+    c.train.log_every = 20  # Steps between logged training metrics.
+
+    if variant == "smoke":
+        c.workdir = "runs/em2ldl_hubert/smoke"
+        c.data.dir = "runs/smoke/data"
+        c.data.global_batch = 8  # One utterance per CPU device in tests.
+        c.data.eval_batch = 8
+        c.data.num_buckets = 1  # One compiled shape: faster tests.
+        c.model.size = ""  # No preset: only the tiny overrides below.
+        c.model.pretrained = ""  # Random initialisation.
+        o = c.model.encoder_overrides
+        o.hidden_size = 32  # Tiny HuBERT.
+        o.num_hidden_layers = 1
+        o.num_attention_heads = 2
+        o.intermediate_size = 64
+        o.conv_dim = (32, 32, 32)  # Three conv layers: 20 ms frames would need seven.
+        o.conv_stride = (5, 2, 2)
+        o.conv_kernel = (10, 3, 3)
+        o.num_conv_pos_embeddings = 16
+        o.num_conv_pos_embedding_groups = 4
+        c.optim.lr = 1e-3  # A random tiny model needs a large rate.
+        c.train.epochs = 1
+        c.train.log_every = 1
+    return c

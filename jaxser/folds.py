@@ -1,0 +1,253 @@
+"""k-fold cross-validation: one prepared folder, one training run and one test report per fold,
+then mean and std of every metric over the folds (e.g. WA/UA on speaker-independent folds).
+
+Layout (fold i = 0 .. K-1):
+
+    DATA_ROOT/fold{i}/       a prepared dataset whose test split is fold i (`kfold:K:i`)
+    WORKDIR/fold{i}/         the fold's training workdir (checkpoints, eval/test.json)
+    WORKDIR/folds_summary.json   per-fold metrics and their mean / std
+
+WORKDIR is the config's `workdir`. The fold folders are either prepared here from manifests
+(`manifests=[...]`: `jaxser.data.prepare.prepare` with split `kfold:K:i`, idempotent, so a
+second run reuses them) or expected to exist (prepared beforehand with
+`jaxser prepare --split kfold:K:i --out DATA_ROOT/fold{i}`). `split_format` changes the split
+of each fold, e.g. `logo:session=Ses0{fold1}` for IEMOCAP's leave-one-session-out.
+
+Running again resumes: finished folds only re-run their (cheap) test evaluation, an
+interrupted fold resumes from its latest checkpoint.
+
+    python -m jaxser.folds --config configs/mll_eam_flam.py --folds 5 \
+        --manifest iemocap.csv --taxonomy iemocap4 [--config.a.b=v ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+SUMMARY_JSON = "folds_summary.json"
+DEFAULT_SPLIT_FORMAT = "kfold:{folds}:{fold}"
+# Metrics shown first in the printed table (the rest follow in report order).
+_LEADING = ("wa", "ua", "accuracy", "macro_f1", "micro_f1", "kl", "cosine")
+
+
+def fold_split(split_format: str, folds: int, fold: int) -> str:
+    """The split spec of one fold: `split_format` with {folds}, {fold} (0-based), {fold1}."""
+    try:
+        return split_format.format(folds=folds, fold=fold, fold1=fold + 1)
+    except (KeyError, IndexError) as e:
+        raise ValueError(f"split_format {split_format!r} may only use {{folds}}, {{fold}} and "
+                         f"{{fold1}}: {e}") from None
+
+
+def default_data_root(data_dir: str) -> str:
+    """The fold root of a config: the parent of a `.../fold{i}` data.dir, else data.dir."""
+    path = Path(data_dir)
+    return str(path.parent) if re.fullmatch(r"fold\d+", path.name) else str(path)
+
+
+def _is_main() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def prepare_folds(manifests: Sequence[str | Path], data_root: str | Path, folds: int, *,
+                  split_format: str = DEFAULT_SPLIT_FORMAT, **prepare_options) -> list[Path]:
+    """Prepares DATA_ROOT/fold{i} for every fold (process 0; others wait); returns the dirs.
+
+    prepare_options go to `jaxser.data.prepare.prepare` (taxonomy, map_file, seed,
+    neutral_smoothing, workers, ...). The split seed is the same for every fold, so the
+    folds partition the speakers.
+    """
+    from jaxser.data import prepare
+
+    dirs = [Path(data_root) / f"fold{i}" for i in range(folds)]
+    if _is_main():
+        for i, out in enumerate(dirs):
+            prepare.prepare(list(manifests), out, split=fold_split(split_format, folds, i),
+                            **prepare_options)
+    _sync("jaxser.folds.prepare")
+    return dirs
+
+
+def _check_fold_dirs(data_root: Path, folds: int, split_format: str) -> None:
+    missing = [i for i in range(folds) if not (data_root / f"fold{i}" / "dataset.json").is_file()]
+    if missing:
+        i = missing[0]
+        raise FileNotFoundError(
+            f"no prepared dataset for fold(s) {missing} under {data_root}; pass manifests "
+            f"(--manifest) to prepare them, or run e.g. `jaxser prepare --manifest M --out "
+            f"{data_root / f'fold{i}'} --split {fold_split(split_format, folds, i)}`")
+
+
+def _scalars(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and k != "count"}
+
+
+def summarize(per_fold: Sequence[dict]) -> dict[str, dict]:
+    """{metric: {mean, std, min, max, values}} over folds (std: population, ddof=0)."""
+    names: list[str] = []
+    for fold in per_fold:
+        names.extend(n for n in fold if n not in names)
+    out = {}
+    for name in names:
+        values = [fold[name] for fold in per_fold if name in fold]
+        mean = sum(values) / len(values)
+        var = sum((v - mean) ** 2 for v in values) / len(values)
+        out[name] = {"mean": mean, "std": math.sqrt(var), "min": min(values),
+                     "max": max(values), "values": values}
+    return out
+
+
+def format_summary(summary: dict) -> str:
+    """A table: one metric a row, mean +- std, then the value of every fold."""
+    metrics = summary["metrics"]
+    order = [m for m in _LEADING if m in metrics] + [m for m in metrics if m not in _LEADING]
+    k = summary["folds"]
+    rows = [("metric", "mean", "std", *(f"fold{i}" for i in range(k)))]
+    for name in order:
+        s = metrics[name]
+        rows.append((name, f"{s['mean']:.4f}", f"{s['std']:.4f}",
+                     *(f"{v:.4f}" for v in s["values"])))
+    width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, width, strict=True)).rstrip()
+             for r in rows]
+    head = (f"{k} folds of {summary['config']} (test split; {summary['count']} utterances in "
+            "all)")
+    return "\n".join([head, lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def run_folds(config_spec: str, overrides: Sequence[str], folds: int, data_root: str | Path,
+              *, manifests: Sequence[str | Path] | None = None,
+              split_format: str = DEFAULT_SPLIT_FORMAT, split: str = "test",
+              **prepare_options) -> dict:
+    """Trains and tests every fold; writes WORKDIR/folds_summary.json, prints and returns it.
+
+    config_spec: `configs/X.py[:variant]`; overrides: `--config.a.b=v` strings (applied to
+    every fold, before the fold's own workdir and data.dir). data_root: holds fold{i}.
+    manifests: prepare the folds from these (else the fold folders must exist).
+    prepare_options: passed to `jaxser.data.prepare.prepare` (taxonomy, seed, ...).
+    """
+    from jaxser import config as config_lib
+    from jaxser import evaluate
+    from jaxser.train import loop
+
+    if folds < 2:
+        raise ValueError(f"folds must be at least 2, got {folds}")
+    base = config_lib.load_config(config_spec, overrides)  # Typos fail before any work.
+    if not base.workdir:
+        raise ValueError("config.workdir must be set: the folds run in WORKDIR/fold{i}")
+    root, data_root = Path(base.workdir), Path(data_root)
+    fold_split(split_format, folds, 0)  # A bad format fails before any work.
+    if manifests:
+        prepare_folds(manifests, data_root, folds, split_format=split_format,
+                      **prepare_options)
+    else:
+        _check_fold_dirs(data_root, folds, split_format)
+    per_fold = []
+    for i in range(folds):
+        cfg = config_lib.load_config(config_spec, [
+            *overrides, f"--config.workdir={root / f'fold{i}'}",
+            f"--config.data.dir={data_root / f'fold{i}'}"])
+        trained = loop.train(cfg)
+        report = evaluate.evaluate_workdir(cfg.workdir, split)
+        per_fold.append({
+            "fold": i, "workdir": str(cfg.workdir), "data_dir": str(cfg.data.dir),
+            "split": fold_split(split_format, folds, i), "stopped": trained.get("stopped"),
+            "checkpoint_step": report.get("checkpoint_step"),
+            "count": int(report["metrics"].get("count", 0)),
+            "metrics": _scalars(report["metrics"]),
+            "prior": _scalars(report.get("prior") or {})})
+    summary = {
+        "config": config_spec, "overrides": list(overrides), "folds": folds,
+        "data_root": str(data_root), "workdir": str(root), "split": split,
+        "split_format": split_format, "count": sum(f["count"] for f in per_fold),
+        "metrics": summarize([f["metrics"] for f in per_fold]),
+        "prior": summarize([f["prior"] for f in per_fold if f["prior"]]),
+        "per_fold": per_fold,
+    }
+    if _is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        (root / SUMMARY_JSON).write_text(json.dumps(summary, indent=2))
+        print(format_summary(summary))
+        print(f"summary: {root / SUMMARY_JSON}")
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jaxser.folds", description="k-fold cross-validation: prepare (optional), "
+        "train and test every fold, then mean and std of every metric.",
+        epilog="Override any config field with --config.a.b=value (applied to every fold).")
+    p.add_argument("--config", required=True, help="configs/X.py[:variant]")
+    p.add_argument("--folds", type=int, required=True, help="number of folds K")
+    p.add_argument("--manifest", action="append", help="prepare the folds from this manifest "
+                   "(repeat for several); without it DATA_ROOT/fold{i} must exist")
+    p.add_argument("--data-root", help="folder of the fold datasets (default: the config's "
+                   "data.dir, or its parent when it ends in fold{i})")
+    p.add_argument("--split-format", default=DEFAULT_SPLIT_FORMAT,
+                   help="split of fold i with {folds}, {fold} (0-based), {fold1} (1-based), "
+                   "e.g. 'kfold:{folds}:{fold}:balance=gender' or 'logo:session=Ses0{fold1}'")
+    p.add_argument("--taxonomy", help="prepare: em2ldl32 | basic | iemocap4 | a file")
+    p.add_argument("--map", help="prepare: a harmonisation map file")
+    p.add_argument("--neutral-smoothing", type=float, default=0.0, help="prepare: neutral mix")
+    p.add_argument("--seed", type=int, default=0, help="prepare: split seed (same every fold)")
+    p.add_argument("--workers", type=int, default=2, help="prepare: decoding processes")
+    p.add_argument("--split", default="test", help="split each fold is evaluated on")
+    from jaxser.cli import _add_distributed
+
+    _add_distributed(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m jaxser.folds ...`; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    from absl import logging as absl_logging
+
+    from jaxser import config as config_lib
+    from jaxser.cli import _init_distributed
+    from jaxser.errors import JaxserError
+    from jaxser.train.writers import setup_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's info/warnings are noise here.
+    setup_logging()
+    try:
+        if not args.manifest and (args.taxonomy or args.map or args.neutral_smoothing):
+            raise ValueError("--taxonomy, --map and --neutral-smoothing prepare the folds: "
+                             "they need --manifest")
+        cfg = config_lib.load_config(args.config, overrides)
+        _init_distributed(args)
+        data_root = args.data_root or default_data_root(cfg.data.dir)
+        options = {}
+        if args.manifest:
+            options = dict(taxonomy=args.taxonomy, map_file=args.map, seed=args.seed,
+                           neutral_smoothing=args.neutral_smoothing, workers=args.workers)
+        run_folds(args.config, overrides, args.folds, data_root, manifests=args.manifest,
+                  split_format=args.split_format, split=args.split, **options)
+    except (ValueError, FileNotFoundError, JaxserError) as e:
+        print(f"jaxser folds: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
