@@ -20,15 +20,29 @@ class WorkdirError(JaxserError):
 
 def check_writable(workdir: Path, min_free_bytes: int = 50_000_000) -> None:
     """Creates the workdir and proves a file can be written and there is room."""
+    workdir = Path(workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_"):
-            pass
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_") as f:
+            f.write(b"jaxser")
+            f.flush()
     except OSError as e:
         raise WorkdirError(f"workdir {workdir} is not writable: {e}") from e
-    free = os.statvfs(workdir).f_bavail * os.statvfs(workdir).f_frsize
-    if free < min_free_bytes:
-        raise WorkdirError(f"workdir {workdir} has only {free / 1e6:.1f} MB free")
+    check_free_space(workdir, min_free_bytes)
+
+
+def check_free_space(workdir: Path, needed_bytes: int, what: str = "") -> None:
+    """Raises WorkdirError when the workdir's file system has less than `needed_bytes` free."""
+    try:
+        st = os.statvfs(workdir)
+    except OSError as e:
+        raise WorkdirError(f"cannot stat workdir {workdir}: {e}") from e
+    free = st.f_bavail * st.f_frsize
+    if free < needed_bytes:
+        need = f" ({what})" if what else ""
+        raise WorkdirError(f"workdir {workdir} has only {free / 1e6:.1f} MB free, it needs "
+                           f"{needed_bytes / 1e6:.1f} MB{need}; free some space or use "
+                           "another workdir")
 
 
 @contextlib.contextmanager

@@ -3,7 +3,9 @@
 `WORKDIR/checkpoints/latest` keeps the newest state (with the data-stream position);
 `WORKDIR/checkpoints/best` keeps the k best by a validation metric. Orbax writes each
 step into a temporary folder and renames it when complete, so a killed save is never
-picked up.
+picked up; the next writer deletes such leftovers. Every process of a multi-host job
+constructs the managers and calls every save (Orbax writes each array shard from the
+process that holds it and the JSON items from process 0).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from jaxser.train.metrics import metric_direction
@@ -18,6 +21,12 @@ from jaxser.train.metrics import metric_direction
 
 class CheckpointNotFound(FileNotFoundError):
     """No complete checkpoint where one was asked for."""
+
+
+def _handlers() -> dict:
+    """The items of a jaxser checkpoint (registered so their metadata can be read)."""
+    return {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler()}
 
 
 class Checkpoints:
@@ -28,11 +37,12 @@ class Checkpoints:
         root = Path(workdir).absolute() / "checkpoints"
         self.best_metric = best_metric
         common = dict(enable_async_checkpointing=async_save, read_only=read_only,
-                      create=not read_only)
+                      create=not read_only, cleanup_tmp_directories=not read_only)
         self.latest = ocp.CheckpointManager(
-            root / "latest", options=ocp.CheckpointManagerOptions(max_to_keep=1, **common))
+            root / "latest", item_handlers=_handlers(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=1, **common))
         self.best = ocp.CheckpointManager(
-            root / "best", options=ocp.CheckpointManagerOptions(
+            root / "best", item_handlers=_handlers(), options=ocp.CheckpointManagerOptions(
                 max_to_keep=max(keep_best, 1), best_fn=lambda m: m[best_metric],
                 best_mode=metric_direction(best_metric), **common))
 
@@ -43,13 +53,29 @@ class Checkpoints:
                                   meta=ocp.args.JsonSave(meta))
 
     def save_latest(self, step: int, state, data_state: dict, meta: dict) -> None:
+        """Starts saving the resume point (async: `wait()` before relying on it)."""
         self.latest.save(step, args=self._args(state, data_state, meta), force=True)
 
     def save_best(self, step: int, state, data_state: dict, meta: dict,
                   metrics: dict[str, float]) -> None:
+        """Offers a validated state to the best-k manager (kept if among the k best)."""
         self.best.save(step, args=self._args(state, data_state, meta), force=True,
                        metrics={k: float(v) for k, v in metrics.items()
                                 if isinstance(v, int | float)})
+
+    def discard_after(self, step: int) -> list[int]:
+        """Deletes best checkpoints newer than `step` (a resumed run replays those steps).
+
+        A run killed after a best save but before its latest save resumes from an older
+        step; the best checkpoints it left beyond that step belong to the abandoned run
+        (and would collide with the replayed saves). Every process must call this.
+        """
+        newer = [s for s in self.best.all_steps() if s > step]
+        for s in newer:
+            self.best.delete(s)
+        if newer:
+            self.best.reload()
+        return newer
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
@@ -88,10 +114,36 @@ class Checkpoints:
         restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return step, restored["meta"]
 
+    def state_shapes(self, which: str | int = "latest") -> dict[str, tuple]:
+        """{"params/model/...": (shape, dtype)} of a checkpoint's saved state, read from
+        its metadata (no arrays are read); {} when the metadata cannot be read."""
+        manager, step = self._manager_and_step(which)
+        if step is None:
+            raise CheckpointNotFound(f"no complete checkpoint '{which}' in {manager.directory}")
+        try:
+            tree = manager.item_metadata(step)["state"]
+        except (KeyError, TypeError, ValueError, FileNotFoundError):
+            return {}
+        if tree is None:
+            return {}
+        return tree_shapes(tree)
+
     def wait(self) -> None:
+        """Blocks until every started save is complete on disk."""
         self.latest.wait_until_finished()
         self.best.wait_until_finished()
 
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+
+
+def tree_shapes(tree) -> dict[str, tuple]:
+    """{"a/b/c": (shape, dtype name)} of the array leaves of a pytree (or its metadata)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+            name = "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                            for k in path)
+            out[name] = (tuple(leaf.shape), str(leaf.dtype))
+    return out
