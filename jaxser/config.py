@@ -107,6 +107,7 @@ def base_config() -> ConfigDict:
     c.train.eval_every = 0  # Steps between validation runs; 0: once per epoch.
     c.train.checkpoint_every = 0  # Steps between latest-checkpoint saves; 0: with evaluation.
     c.train.best_metric = "kl"  # Validation metric that picks the best checkpoint.
+    c.train.best_tiebreak = ""  # Second validation metric that breaks ties; "": none.
     c.train.keep_best = 1  # Best checkpoints kept.
     c.train.patience = 0  # Evaluations without improvement before stopping; 0: off.
     c.train.async_checkpoints = True  # Save checkpoints in the background.

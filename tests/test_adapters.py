@@ -317,8 +317,10 @@ def test_esd(tmp_path):
     assert rows["0020_001400"]["text_id"] == "350" and rows["0020_001400"]["label"] == "sad"
 
 
-def _em2ldl_tree(root: Path, label_folder: str = "labels") -> None:
-    header = ["AudioID", *EM2LDL_CLASSES, "speaker ID", "gender", "age", "ageClass",
+def _em2ldl_tree(root: Path, label_folder: str = "labels", released_spelling=False) -> None:
+    classes = [("aggresiveness" if released_spelling and c == "aggressiveness" else c)
+               for c in EM2LDL_CLASSES]
+    header = ["AudioID", *classes, "speaker ID", "gender", "age", "ageClass",
               "mbtiSingle", "mbtiDouble", "lang"]  # fmt: skip
     votes_a = ["0"] * 32
     votes_a[2] = "0.6"  # serenity
@@ -358,6 +360,13 @@ def test_em2ldl(tmp_path, caplog):
     assert (a["ageClass"], a["mbtiSingle"], a["mbtiDouble"]) == ("young", "I", "INFP")
     assert b["anger"] == "3" and b["gender"] == "male" and b["language"] == "zh"
     assert c["path"] == "EM2LDL/wav/utt_0003.wav" and not (out.parent / c["path"]).exists()
+
+
+def test_em2ldl_released_spelling_of_aggressiveness(tmp_path):
+    root = tmp_path / "EM2LDL"
+    _em2ldl_tree(root, released_spelling=True)
+    rows = _manifest("em2ldl", root, tmp_path / "m.csv")
+    assert "aggressiveness" in rows[0] and "aggresiveness" not in rows[0]
 
 
 def test_em2ldl_csv_in_root_and_missing_class(tmp_path):

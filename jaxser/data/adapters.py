@@ -700,6 +700,7 @@ _EM2LDL_RENAME = {
     "gender": "gender",
     "age": "age",
     "lang": "language",
+    "aggresiveness": "aggressiveness",  # The released label CSV's spelling.
 }
 
 
@@ -738,7 +739,7 @@ def em2ldl(root: Path) -> list[Row]:
     default_dir = audio_dirs[0] if audio_dirs else root / "wav"
     with open(label_csv, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f, skipinitialspace=True)
-        header = [h.strip() for h in reader.fieldnames or []]
+        header = [_EM2LDL_RENAME.get(h.strip(), h.strip()) for h in reader.fieldnames or []]
         absent = [c for c in EM2LDL_CLASSES if c not in header]
         if absent:
             raise ValueError(f"em2ldl: {label_csv} lacks class columns {absent}")

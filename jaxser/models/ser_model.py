@@ -38,7 +38,8 @@ def encoder_config(model_cfg: Mapping, base: Any = None):
         if model_cfg["size"] not in sizes:
             raise ValueError(f"unknown model.size {model_cfg['size']!r} for {family}: "
                              f"{', '.join(sizes)}")
-        fields.update(sizes[model_cfg["size"]])
+        preset = sizes[model_cfg["size"]]
+        fields.update(dataclasses.asdict(preset) if dataclasses.is_dataclass(preset) else preset)
     if family == "whisper":
         # jaxser feeds Whisper variable-length, padded batches: cut positions to the input
         # and mask padding, so a clip gives the same result alone or in a batch.

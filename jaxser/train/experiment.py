@@ -71,9 +71,11 @@ class Experiment:
         abstract_params = jax.eval_shape(
             lambda k: self.model.init({"params": k, "dropout": k}, *self.sample),
             jax.random.key(0))
+        labelled = {"model": nn.meta.unbox(abstract_params)["params"]}
+        if self.num_centers:
+            labelled["centers"] = jnp.zeros(())  # Only its path matters to the optimizer.
         self.tx, self.schedule = optimizer.make_optimizer(
-            cfg.optim, self.total_steps, steps_per_epoch,
-            {"model": nn.meta.unbox(abstract_params)["params"]})
+            cfg.optim, self.total_steps, steps_per_epoch, labelled)
         self._init = state_lib.init_fn(self.model, self.tx, *self.sample, self.num_centers)
         self._eval_step = None
 
