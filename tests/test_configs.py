@@ -16,8 +16,6 @@ CONFIGS = {
     "whisper_soft_adv": ["", "smoke", "loco=ravdess"],
     "mll_eam_flam": ["", "smoke", "frozen"],
 }
-# What the centre-loss engine bug looks like (see _train_or_xfail).
-CENTERS_BUG = "symmetric difference on key sets is\n    centers"
 
 
 @pytest.fixture(scope="module")
@@ -106,19 +104,10 @@ def _train_metrics(workdir):
 
 
 def _train(cfg) -> int:
-    """Trains; returns the last step. A known engine bug (the centre-loss centers are missing
-    from the optimizer's parameter groups: jaxser/train/experiment.py builds the optax labels
-    from {"model": ...} only) becomes an explicit xfail, so the test passes by itself once the
-    engine is fixed."""
+    """Trains; returns the last step."""
     from jaxser.train import loop
 
-    try:
-        return loop.train(cfg)["step"]
-    except ValueError as e:
-        if CENTERS_BUG in str(e):
-            pytest.xfail("engine bug: loss.center > 0 fails at state init (optimizer labels "
-                         "lack 'centers'; jaxser/train/experiment.py make_optimizer call)")
-        raise
+    return loop.train(cfg)["step"]
 
 
 def _evaluate(workdir):
