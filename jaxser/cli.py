@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="Override any config field with --config.a.b=value, "
                        "e.g. --config.optim.lr=1e-4 --config.workdir=runs/x")
     p.add_argument("--config", required=True, help="configs/X.py[:variant]")
+    p.add_argument("--folds", type=int, default=0,
+                   help="run K speaker-independent folds and summarise them "
+                   "(see python -m jaxser.folds --help for the fold options)")
     _add_distributed(p)
     p.set_defaults(func=cmd_train)
 
@@ -196,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    if args.command == "train" and args.folds:
+        from jaxser import folds
+
+        return folds.main(argv[argv.index("train") + 1:])
     if rest and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     from absl import logging as absl_logging

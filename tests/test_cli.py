@@ -1,0 +1,48 @@
+"""The command line: help for every subcommand, clear one-line errors, fold dispatch."""
+
+import pytest
+
+from jaxser import cli
+
+SUBCOMMANDS = ("generate", "manifest", "prepare", "train", "evaluate", "predict", "export",
+               "demo")
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_each_subcommand_describes_its_flags(name, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([name, "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: jaxser {name}") and "--" in out
+
+
+def test_config_typo_is_a_one_line_error(capsys):
+    assert cli.main(["train", "--config", "configs/demo.py", "--config.optim.lrr=1"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown config field 'optim.lrr'" in err and "optim.lr" in err
+
+
+def test_unknown_flag_outside_train_is_refused():
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", "--workdir", "x", "--bogus"])
+
+
+def test_missing_workdir_checkpoint(tmp_path, capsys):
+    assert cli.main(["evaluate", "--workdir", str(tmp_path / "nothing")]) == 1
+    assert "no checkpoints in" in capsys.readouterr().err
+
+
+def test_train_folds_dispatches_to_the_fold_driver(tmp_path, capsys):
+    code = cli.main(["train", "--config", "configs/demo.py:smoke", "--folds", "2",
+                     "--manifest", str(tmp_path / "missing.csv"),
+                     f"--config.workdir={tmp_path / 'w'}"])
+    assert code == 1
+    assert "jaxser folds: error" in capsys.readouterr().err
