@@ -43,6 +43,7 @@ def _shard_shapes(state) -> dict:
             "moments": sorted({m.addressable_shards[0].data.shape for m in moments})}
 
 
+@pytest.mark.slow
 def test_loss_curve_is_the_same_on_every_mesh(data_dir, tmp_path, monkeypatch):
     assert jax.device_count() == 8
     seen: dict = {}

@@ -63,7 +63,7 @@ def test_two_processes_preempt_resume_and_match_one_process(data_dir, tmp_path,
 
     workdir = tmp_path / "two"
     cache = compile_cache(tmp_path_factory)
-    runs = _start_pair(workdir, data_dir, subprocess_env(cache, devices=2, step_sleep=0.5),
+    runs = _start_pair(workdir, data_dir, subprocess_env(cache, devices=2, step_sleep=1.0),
                        tmp_path / "logs", "first")
     try:
         wait_for(lambda: len(train_metrics(workdir)) >= 2, runs[0], what="two steps")

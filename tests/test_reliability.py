@@ -10,6 +10,7 @@ the problem, before any step where possible.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -64,9 +65,10 @@ def reference(data_dir, tmp_path_factory):
     return workdir, params
 
 
-def _resume_in_process(workdir, data_dir) -> dict:
+def _resume_in_process(workdir, data_dir, *extra: str) -> dict:
     """Runs the same command again (in this process) to the end."""
-    summary = loop.train(load_cfg(workdir, data_dir, f"--config.train.max_steps={STEPS}"))
+    summary = loop.train(load_cfg(workdir, data_dir, f"--config.train.max_steps={STEPS}",
+                                  *extra))
     assert summary["step"] == STEPS and summary["stopped"] == "finished"
     return latest_params(workdir)[1]
 
@@ -82,6 +84,7 @@ def _resumed_from(workdir) -> list[int]:
 # Preemption, kills, a kill during a save
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_0_and_a_second_job_refuses(data_dir, cache, reference,
                                                             tmp_path, capsys):
     workdir = tmp_path / "w"
@@ -112,9 +115,12 @@ def test_sigterm_saves_and_exits_0_and_a_second_job_refuses(data_dir, cache, ref
 
 def test_kill_during_a_save_never_picks_the_half_written_checkpoint(data_dir, cache,
                                                                     reference, tmp_path):
+    """Killed while the latest checkpoint of step 4 is being written (after the best
+    checkpoint of step 4 was complete): resumes from step 2, replays steps 3-6 (the stale
+    best checkpoint of step 4 is dropped) and ends bit-identical."""
     workdir, marker = tmp_path / "w", tmp_path / "hanging"
-    run = Run(train_args(workdir, data_dir, f"--config.train.max_steps={STEPS}",
-                         "--config.train.checkpoint_every=2"),
+    every = ("--config.train.checkpoint_every=2", "--config.train.eval_every=4")
+    run = Run(train_args(workdir, data_dir, f"--config.train.max_steps={STEPS}", *every),
               subprocess_env(cache, hang_save=4, marker=marker), tmp_path / "logs")
     try:
         wait_for(marker.exists, run, what="the save of step 4")
@@ -124,8 +130,10 @@ def test_kill_during_a_save_never_picks_the_half_written_checkpoint(data_dir, ca
     leftovers = [p.name for p in latest.iterdir() if p.name.startswith("4.")]
     assert leftovers and "tmp" in leftovers[0], sorted(p.name for p in latest.iterdir())
     assert latest_step(workdir) == 2  # The complete one before.
-    params = _resume_in_process(workdir, data_dir)
+    assert (workdir / "checkpoints" / "best" / "4").is_dir()
+    params = _resume_in_process(workdir, data_dir, *every)
     assert _resumed_from(workdir) == [2]
+    assert "dropped best checkpoint(s) [4]" in (workdir / "train.log").read_text()
     assert not [p for p in latest.iterdir() if "tmp" in p.name]  # Cleaned up.
     assert_same_params(params, reference[1])
 
@@ -139,12 +147,13 @@ def test_repeated_kills_at_random_points_end_bit_identical(data_dir, cache, refe
     steps_seen = []
     for round_ in range(2):
         before = len(train_metrics(workdir))
-        target = rng.randint(1, STEPS - 2)
+        target = rng.randint(1, STEPS - 3)
         run = Run(train_args(workdir, data_dir, f"--config.train.max_steps={STEPS}",
                              "--config.train.checkpoint_every=1"),
                   subprocess_env(cache, step_sleep=0.3), tmp_path / "logs", f"run{round_}")
-        try:
-            wait_for(lambda n=before, t=target: len(train_metrics(workdir)) - n >= t, run,
+        try:  # Until `target` more steps are logged (or the run ends), then a bit more.
+            wait_for(lambda n=before, t=target, r=run: (len(train_metrics(workdir)) - n >= t
+                                                        or r.proc.poll() is not None),
                      what=f"{target} steps (seed {seed})")
             time.sleep(rng.uniform(0, 0.4))
         finally:
@@ -238,6 +247,27 @@ def test_truncated_shard_fails_at_start_naming_the_file(damage, data_dir, tmp_pa
         assert "19 of 20 records" in err and "dataset.json says 20" in err, err
     assert not (tmp_path / "w" / "checkpoints" / "latest").exists() or \
         latest_step(tmp_path / "w") is None
+
+
+def test_missing_records_are_skipped_only_when_asked(data_dir, tmp_path):
+    """`data.skip_corrupt` (when the config has it) turns the shortfall into a warning."""
+    data = _copy_data(data_dir, tmp_path)
+    shard = _train_shard(data)
+    with open(shard, "r+b") as f:
+        f.truncate(int(shards.load_index(data, "train").offset[-1]) - 12)
+    (data / shards.index_name("train")).unlink()
+    info = shards.load_dataset_info(data)
+    with pytest.raises(loop.DataError, match="19 of 20 records"):
+        loop._check_split_complete(str(data), "train", info)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append  # The jaxser logger does not propagate to pytest's.
+    logging.getLogger("jaxser").addHandler(handler)
+    try:
+        loop._check_split_complete(str(data), "train", info, skip=True)
+    finally:
+        logging.getLogger("jaxser").removeHandler(handler)
+    assert any("19 of 20 records" in r.getMessage() for r in records)
 
 
 def test_corrupt_record_stops_training_naming_the_file(data_dir, tmp_path):
