@@ -74,6 +74,7 @@ def get_config(variant: str = ""):
     c.train.epochs = 20  # Passes over the training split.
     c.train.eval_every = 0  # Validation once per epoch (best epoch).
     c.train.best_metric = "kl"  # Lowest validation KL picks the best epoch.
+    c.train.best_tiebreak = "cosine"  # Ties of validation KL go to the higher cosine.
     c.train.keep_best = 1  # Only the best checkpoint is kept.
     c.train.log_every = 20  # Steps between logged training metrics.
 

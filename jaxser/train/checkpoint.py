@@ -29,11 +29,29 @@ def _handlers() -> dict:
             "meta": ocp.JsonCheckpointHandler()}
 
 
+def rank_key(metric: str, tiebreak: str = ""):
+    """metrics -> a sortable key: the metric, then the tie-break metric oriented so that
+    sorting in the metric's own direction also prefers the better tie-break."""
+    if not tiebreak:
+        return lambda m: (float(m[metric]),)
+    sign = 1.0 if metric_direction(tiebreak) == metric_direction(metric) else -1.0
+    return lambda m: (float(m[metric]), sign * float(m[tiebreak]))
+
+
+def is_better(metrics: dict, best: dict | None, metric: str, tiebreak: str = "") -> bool:
+    """Whether `metrics` beat `best` (both validation metric dicts) by metric, then tie-break."""
+    if not best:
+        return True
+    key = rank_key(metric, tiebreak)
+    new, old = key(metrics), key(best)
+    return new < old if metric_direction(metric) == "min" else new > old
+
+
 class Checkpoints:
     """The latest and best-k checkpoint managers of one workdir."""
 
     def __init__(self, workdir: str | Path, best_metric: str = "kl", keep_best: int = 1,
-                 async_save: bool = True, read_only: bool = False):
+                 async_save: bool = True, read_only: bool = False, best_tiebreak: str = ""):
         root = Path(workdir).absolute() / "checkpoints"
         self.best_metric = best_metric
         common = dict(enable_async_checkpointing=async_save, read_only=read_only,
@@ -43,7 +61,7 @@ class Checkpoints:
             options=ocp.CheckpointManagerOptions(max_to_keep=1, **common))
         self.best = ocp.CheckpointManager(
             root / "best", item_handlers=_handlers(), options=ocp.CheckpointManagerOptions(
-                max_to_keep=max(keep_best, 1), best_fn=lambda m: m[best_metric],
+                max_to_keep=max(keep_best, 1), best_fn=rank_key(best_metric, best_tiebreak),
                 best_mode=metric_direction(best_metric), **common))
 
     @staticmethod

@@ -42,9 +42,8 @@ from jaxser import workdir as workdir_lib
 from jaxser.data import pipeline, shards
 from jaxser.errors import JaxserError
 from jaxser.evaluate import evaluate_split
-from jaxser.train.checkpoint import Checkpoints, tree_shapes
+from jaxser.train.checkpoint import Checkpoints, is_better, tree_shapes
 from jaxser.train.experiment import Experiment
-from jaxser.train.metrics import metric_direction
 from jaxser.train.writers import MetricWriter, log, setup_logging
 
 # Model fields that do not change the parameters (free to change on resume).
@@ -248,7 +247,7 @@ def _train_locked(cfg, workdir: Path) -> dict:
     workdir_lib.check_free_space(workdir, keep * _state_bytes(target),
                                  f"{keep} checkpoints of this model")
     ckpt = Checkpoints(workdir, cfg.train.best_metric, cfg.train.keep_best,
-                       cfg.train.async_checkpoints)
+                       cfg.train.async_checkpoints, best_tiebreak=cfg.train.best_tiebreak)
     meta = {"config": json.loads(config_lib.config_to_json(cfg)), "labels": exp.labels,
             "corpora": exp.corpora, "encoder_fields": exp.encoder_fields(),
             "prior": info["splits"][cfg.data.train_split]["prior"]}
@@ -356,10 +355,8 @@ def _validate(cfg, exp, params, step, writer) -> dict:
     return metrics
 
 
-def _improved(value: float, best: dict, metric: str) -> bool:
-    if "value" not in best:
-        return True
-    return value < best["value"] if metric_direction(metric) == "min" else value > best["value"]
+def _scalars(metrics: dict) -> dict:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
 
 
 class _FiniteGuard:
@@ -438,8 +435,9 @@ def _run(cfg, exp, ckpt, meta, state, best, train_iter, jit_train, key) -> dict:
                 guard.current()  # Never save a non-finite state.
             if evaluate:
                 values = _validate(cfg, exp, state.params, step, writer)
-                if _improved(values[metric], best, metric):
-                    best, stale = {"step": step, "value": values[metric]}, 0
+                if is_better(values, best.get("metrics"), metric, cfg.train.best_tiebreak):
+                    best, stale = {"step": step, "value": values[metric],
+                                   "metrics": _scalars(values)}, 0
                 else:
                     stale += 1
                 ckpt.save_best(step, state, train_iter.state(),

@@ -29,9 +29,12 @@ def setup_logging(workdir: str | Path | None = None, level: int = logging.INFO) 
         handler.setFormatter(fmt)
         root.addHandler(handler)
     if workdir is not None and jax.process_index() == 0:
-        path = str(Path(workdir) / "train.log")
-        if not any(getattr(h, "baseFilename", None) == str(Path(path).absolute())
-                   for h in root.handlers):
+        path = str((Path(workdir) / "train.log").absolute())
+        for old in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+            if old.baseFilename != path:  # One run's log never gets another run's lines.
+                root.removeHandler(old)
+                old.close()
+        if not any(isinstance(h, logging.FileHandler) for h in root.handlers):
             file_handler = logging.FileHandler(path)
             file_handler.setFormatter(fmt)
             root.addHandler(file_handler)
