@@ -34,11 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxser.models.attention import dot_product_attention
+from jaxser.models.attention import IMPLEMENTATIONS, dot_product_attention
 from jaxser.models.outputs import EncoderOutput
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_ATTENTION = ("auto", "einsum", "xla", "cudnn")
+_ATTENTION = IMPLEMENTATIONS
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
         "gelu": functools.partial(jax.nn.gelu, approximate=False),
         "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
@@ -90,7 +90,7 @@ class WhisperConfig:
     dtype: str = "float32"  # compute dtype: "float32" | "bfloat16"
     param_dtype: str = "float32"
     remat: bool = False  # rematerialise each layer in the backward pass
-    attention: str = "auto"  # "auto" | "einsum" | "xla" | "cudnn"
+    attention: str = "auto"  # "auto" | "einsum" | "blockwise" | "xla" | "cudnn"
     variable_length: bool = False  # accept fewer than 2 * max_source_positions frames
     mask_attention: bool = False  # mask padded frames (False: attend to padding, as HF)
 

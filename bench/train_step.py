@@ -1,0 +1,310 @@
+"""Steady-state train-step time: jaxser against the same architecture in PyTorch transformers.
+
+Both sides train a randomly initialised encoder + mean pool + linear head with a KL loss
+and AdamW on the same fixed-shape batch (all frames valid, every dropout and LayerDrop
+off), in the same precision, in one process; the steps alternate (jaxser, PyTorch,
+jaxser, ...) so that a change in the machine's load hits both, and the medians are
+compared. Printed: step times (median, min, max), audio-seconds per second, the
+throughput ratio, the FLOPs of jaxser's step from XLA's cost analysis, MFU on an
+accelerator with a known peak (null on CPU), the number of compilations of the step
+(it must compile once, during warm-up), the machine and its load average. The last line
+is one JSON object.
+
+What is compared
+----------------
+- jaxser: `SERModel` exactly as `jaxser train` builds it for `--config.model.size=MODEL`
+  (Whisper: variable-length input with padding masks, attention implementation 'auto');
+  one jitted step with the state donated; jaxser's own AdamW from the optimizer config.
+- PyTorch: transformers' `WhisperEncoder` (sdpa attention) or `HubertModel` /
+  `Wav2Vec2Model`, `torch.nn.Linear` head, `torch.optim.AdamW`, eager mode, bf16 through
+  `torch.autocast` when `--dtype bfloat16`.
+- Whisper input: `--seconds * 100` log-mel frames for both, precomputed (no feature
+  extraction in the step). At 30 s that is 3000 frames, Whisper's normal input on both
+  sides. For other lengths transformers' WhisperEncoder only accepts exactly
+  `2 * max_source_positions` frames, so its config gets `max_source_positions = frames / 2`
+  (a smaller position table; the compute is that of the frames given).
+- HuBERT / wav2vec2 input: `--seconds * 16000` samples of waveform for both.
+
+    .venv/bin/python bench/train_step.py --model whisper-base --batch 4 --seconds 30 --steps 3
+    .venv/bin/python bench/train_step.py --model hubert-base --batch 4 --seconds 4
+
+`--max-batch-search` (slow, opt-in) finds the largest batch whose step fits in memory, for
+both frameworks with remat off and on, by doubling the batch in child processes and
+checking their peak resident memory against `--memory-gib`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+
+from bench import common  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="whisper-base",
+                   help="preset: whisper-tiny|base|small|..., hubert-base|large, wav2vec2-*")
+    p.add_argument("--batch", type=int, default=4, help="utterances per step")
+    p.add_argument("--seconds", type=float, default=4.0, help="seconds of audio per utterance")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--steps", type=int, default=3, help="timed steps per framework")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per framework")
+    p.add_argument("--remat", action="store_true", help="rematerialise encoder layers")
+    p.add_argument("--attention", default="auto", help="jaxser attention implementation")
+    p.add_argument("--no-torch", action="store_true", help="time jaxser only")
+    p.add_argument("--no-jaxser", action="store_true", help="time PyTorch only")
+    p.add_argument("--wait-quiet", type=float, default=0.0,
+                   help="wait up to this many seconds for a 1-min load average below "
+                        "--quiet-load before timing")
+    p.add_argument("--quiet-load", type=float, default=2.5)
+    p.add_argument("--max-batch-search", action="store_true",
+                   help="search the largest batch that fits (slow; child processes)")
+    p.add_argument("--memory-gib", type=float, default=0.0,
+                   help="memory budget of --max-batch-search (default: 90%% of RAM)")
+    p.add_argument("--max-batch", type=int, default=256, help="search cap")
+    p.add_argument("--probe", choices=("jaxser", "torch"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# ----------------------------------------------------------------------------- jaxser
+
+
+class JaxserRunner:
+    """jaxser's jitted, donated train step on one fixed batch."""
+
+    def __init__(self, args, batch: common.Batch, counter: common.CompileCounter):
+        self.model, self.enc_cfg = common.build_jaxser(args.model, args.dtype, args.remat,
+                                                       args.attention)
+        init, make_step = common.make_jaxser_step(self.model, common.jaxser_optimizer())
+        self.batch = jax.device_put(batch.jax)
+        self.state, tx = init(jax.random.key(0), self.batch["inputs"][:1],
+                              self.batch["mask"][:1])
+        self.step_fn = make_step(tx)
+        self.tx, self.args, self.counter = tx, args, counter
+
+    def flops(self) -> float | None:
+        """Model FLOPs per step from XLA's cost analysis of the compiled step.
+
+        XLA counts the body of a loop once, whatever its trip count, so the blockwise
+        attention (a scan over batch x heads) would be undercounted: the FLOPs are taken
+        from the same step with einsum attention (the model's FLOPs, without the
+        blockwise backward's recomputation). One extra compilation, after the timing.
+        """
+        step_fn = self.step_fn
+        if self.args.attention != "einsum":
+            model, _ = common.build_jaxser(self.args.model, self.args.dtype, self.args.remat,
+                                           "einsum")
+            _, make_step = common.make_jaxser_step(model, common.jaxser_optimizer())
+            step_fn = make_step(self.tx)
+        compiled = step_fn.lower(self.state, self.batch).compile()
+        return common.cost_flops(compiled)
+
+    def step(self) -> float:
+        t0 = time.perf_counter()
+        self.state, loss = self.step_fn(self.state, self.batch)
+        jax.block_until_ready((self.state, loss))
+        self.last_loss = float(loss)
+        return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- torch
+
+
+class TorchRunner:
+    """transformers encoder + head + torch.optim.AdamW on the same batch."""
+
+    def __init__(self, args, batch: common.Batch, enc_cfg):
+        import torch
+
+        torch.manual_seed(0)
+        self.module = common.torch_ser_model(args.model, enc_cfg, batch.frames).train()
+        if args.remat:
+            self.module.encoder.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.opt = common.torch_optimizer(self.module)
+        self.step_fn = common.torch_train_step(self.module, self.opt, args.dtype)
+        self.inputs, self.targets = batch.torch_inputs, batch.torch_targets
+
+    def step(self) -> float:
+        t0 = time.perf_counter()
+        loss = self.step_fn(self.inputs, self.targets)
+        self.last_loss = float(loss.detach())
+        return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- max batch
+
+
+def _probe(args) -> None:
+    """Child process: one warm-up and one timed step of one framework; prints peak RSS."""
+    batch = common.random_batch(args.model, args.batch, args.seconds)
+    if args.probe == "jaxser":
+        runner = JaxserRunner(args, batch, common.CompileCounter())
+        runner.step()
+        runner.step()
+    else:
+        enc_cfg = common.build_jaxser(args.model, args.dtype, args.remat)[1]
+        runner = TorchRunner(args, batch, enc_cfg)
+        runner.step()
+        runner.step()
+    print(json.dumps({"peak_rss_gib": peak_rss_gib()}))
+
+
+def _fits(args, framework: str, batch: int, remat: bool, budget_gib: float) -> bool:
+    cmd = [sys.executable, __file__, "--probe", framework, "--model", args.model,
+           "--batch", str(batch), "--seconds", str(args.seconds), "--dtype", args.dtype,
+           "--attention", args.attention] + (["--remat"] if remat else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        return False
+    peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_gib"]
+    print(f"  {framework} remat={remat} batch {batch}: peak RSS {peak:.2f} GiB", flush=True)
+    return peak <= budget_gib
+
+
+def max_batch_search(args) -> dict:
+    """Largest fitting batch (powers of two, then bisection) per framework and remat."""
+    budget = args.memory_gib or 0.9 * os.sysconf("SC_PHYS_PAGES") * os.sysconf(
+            "SC_PAGE_SIZE") / 2**30
+    print(f"max batch search, budget {budget:.1f} GiB (peak RSS of a child process)")
+    out = {}
+    for framework in ("jaxser", "torch"):
+        for remat in (False, True):
+            good, bad = 0, None
+            b = 1
+            while b <= args.max_batch:
+                if _fits(args, framework, b, remat, budget):
+                    good, b = b, b * 2
+                else:
+                    bad = b
+                    break
+            while bad is not None and bad - good > 1:
+                mid = (good + bad) // 2
+                if _fits(args, framework, mid, remat, budget):
+                    good = mid
+                else:
+                    bad = mid
+            out[f"{framework}_remat" if remat else framework] = good
+            print(f"{framework} remat={remat}: largest batch {good}", flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.probe:
+        _probe(args)
+        return {}
+    if args.wait_quiet:
+        print(f"waiting up to {args.wait_quiet:.0f} s for load < {args.quiet_load}: "
+              f"{common.wait_for_quiet(args.wait_quiet, args.quiet_load)}", flush=True)
+    info = common.machine()
+    print(f"machine: {info}", flush=True)
+    counter = common.CompileCounter()
+    enc_cfg = common.build_jaxser(args.model, args.dtype, args.remat, args.attention)[1]
+    num_mel = getattr(enc_cfg, "num_mel_bins", 80)
+    batch = common.random_batch(args.model, args.batch, args.seconds, num_mel)
+    shape = f"{args.batch} x {args.seconds:g} s"
+    if batch.frames is not None:
+        shape += f" ({batch.frames} log-mel frames)"
+    print(f"{args.model} {args.dtype} batch {shape} remat={args.remat}", flush=True)
+
+    jx = tc = None
+    compiles = compiles_after_warmup = None
+    flops = None
+    if not args.no_jaxser:
+        t0 = time.perf_counter()
+        jx = JaxserRunner(args, batch, counter)
+        with counter:  # only the step's own compilations (not init's small ones)
+            first = jx.step()
+            for _ in range(args.warmup - 1):
+                jx.step()
+        print(f"jaxser: init + compile + first step {time.perf_counter() - t0:.1f} s "
+              f"(first step {first:.1f} s)", flush=True)
+        compiles = counter.count
+    if not args.no_torch:
+        tc = TorchRunner(args, batch, enc_cfg)
+        for _ in range(args.warmup):
+            tc.step()
+
+    times = {"jaxser": [], "torch": []}
+    loads = [common.load_average()]
+    counter.count = 0
+    with counter:
+        for i in range(args.steps):
+            order = [("jaxser", jx), ("torch", tc)]
+            if i % 2:
+                order.reverse()  # A B B A: neither side always follows the other
+            for name, runner in order:
+                if runner is not None:
+                    times[name].append(runner.step())
+            loads.append(common.load_average())
+    if jx is not None:
+        compiles_after_warmup = counter.count
+        flops = jx.flops()
+        if compiles_after_warmup:
+            raise AssertionError(f"jaxser's step recompiled {compiles_after_warmup} times "
+                                 "after warm-up")
+
+    result = {
+            "model": args.model, "batch": args.batch, "seconds": args.seconds,
+            "dtype": args.dtype, "device": f"{info['jax_device']} ({info['cpu']}, "
+                                          f"{info['cores']} cores)",
+            "remat": args.remat, "frames": batch.frames,
+    }
+    for name in ("jaxser", "torch"):
+        if times[name]:
+            s = common.stats(times[name])
+            print(f"{name:7s} step {common.fmt_stats(s)}  "
+                  f"{batch.audio_seconds / s['median']:.1f} audio-s/s", flush=True)
+            result[f"{name}_step_s"] = round(s["median"], 4)
+            result[f"{name}_step_min_max_s"] = [round(s["min"], 4), round(s["max"], 4)]
+            result[f"{name}_audio_s_per_s"] = round(batch.audio_seconds / s["median"], 2)
+        else:
+            result[f"{name}_step_s"] = None
+    ratio = None
+    if times["jaxser"] and times["torch"]:
+        ratio = result["torch_step_s"] / result["jaxser_step_s"]
+        print(f"throughput jaxser / PyTorch: {ratio:.2f}x")
+    result["throughput_ratio"] = None if ratio is None else round(ratio, 3)
+    result["flops_per_step"] = flops
+    peak = common.peak_flops(args.dtype)
+    result["mfu"] = (round(flops / result["jaxser_step_s"] / peak, 4)
+                     if peak and flops and result["jaxser_step_s"] else None)
+    if flops and result["jaxser_step_s"]:
+        print(f"jaxser step: {flops / 1e9:.1f} GFLOP (XLA cost analysis), "
+              f"{flops / result['jaxser_step_s'] / 1e9:.1f} GFLOP/s, MFU {result['mfu']}")
+    result["compiles"] = compiles
+    result["compiles_after_warmup"] = compiles_after_warmup
+    result["load_average"] = [loads[0], loads[-1]]
+    if jx is not None and tc is not None:
+        result["final_loss"] = {"jaxser": round(jx.last_loss, 5), "torch": round(tc.last_loss, 5)}
+    print(f"load average before/after: {loads[0]} / {loads[-1]}")
+    if args.max_batch_search:
+        result["max_batch"] = max_batch_search(args)
+    else:
+        result["max_batch"] = None
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
