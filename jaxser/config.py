@@ -41,6 +41,7 @@ def base_config() -> ConfigDict:
     c.data.buckets_seconds = ()  # Padded lengths in seconds; () derives them from data.
     c.data.num_buckets = 4  # How many buckets to derive when buckets_seconds is ().
     c.data.max_seconds = 0.0  # Crop longer utterances (random in training); 0: no crop.
+    c.data.skip_corrupt = False  # Drop damaged records (warns, naming the files); False: stop.
     c.data.eval_batch = 16  # Utterances per global evaluation batch.
 
     c.model = ConfigDict()

@@ -59,15 +59,38 @@ A batch is a dict of numpy arrays for host h (b examples, padded length T, K cla
                 (int64 position of the example in the split's index; -1 for padding).
 A padding example repeats a real example of the same batch (so no step ever sees an empty
 input and no NaN can appear); only `valid` tells it apart: always weight by `valid`.
+
+Damaged records
+---------------
+Every payload read is checked against its index row: its size (a short read means the shard
+was truncated) and the zlib.crc32 the writer recorded (any changed byte); see `shards` for
+why CRC-32 and not TFRecord's CRC-32C. By default (`skip_corrupt` False) a damaged record
+stops the stream with `shards.CorruptRecord` naming the shard file, the record and what is
+wrong; if the tf.data pipeline fails for another reason (an unparsable record), the host's
+records of the failing batch are re-read and parsed in Python to name the culprit. A shard
+shorter than its index says stops the source at construction.
+
+With `skip_corrupt` True, building a source first checks every record of the split the
+same way (size and crc32), on every host and in the same order, so every host drops the
+same records and computes the same plan. The damaged records (and those a scanned index
+already left out) are dropped from the plan, and one warning names each damaged file, how
+many records were dropped and "training on N of M examples" (M from dataset.json when it
+is there). The check reads every byte of the split once (at a few hundred MB/s to GB/s
+from local disk or the page cache, in parallel threads; from an object store it is one
+full download of the split per host) and is done once per process for a given state of
+the files (memoised on the index and the shards' sizes and modification times), however
+many sources are built. Records damaged after that check still stop the stream.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import os
 import re
 import threading
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -83,6 +106,7 @@ shards.hide_accelerators_from_tf()
 
 _STATE_VERSION = 1
 _INT64_MAX = np.iinfo(np.int64).max
+CorruptRecord = shards.CorruptRecord
 
 
 @dataclasses.dataclass
@@ -111,6 +135,8 @@ class PipelineConfig:
     pad_multiple: int = 1600
     # Shuffle the training examples (off: the same file order every epoch).
     shuffle: bool = True
+    # Drop damaged records (one warning naming the files) instead of stopping.
+    skip_corrupt: bool = False
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> PipelineConfig:
@@ -315,12 +341,20 @@ def _make_plan(order: np.ndarray, bucket_of: np.ndarray, layout: _Layout, crop: 
 
 
 class _RecordReader:
-    """Reads record payloads by (shard, offset, size): `os.pread` locally, gfile otherwise."""
+    """Reads the payloads of index rows: `os.pread` locally, gfile otherwise.
 
-    def __init__(self, data_dir: str, files: list[str]):
-        self._paths = [os.path.join(data_dir, f) for f in files]
+    `read` checks every payload against its index row (size, crc32) and raises
+    `CorruptRecord` naming the shard file and the record; `damaged` reports instead.
+    """
+
+    def __init__(self, data_dir: str, split: str, index: shards.ShardIndex):
+        self._paths = [os.path.join(data_dir, f) for f in index.files]
+        self._split = split
+        self._index = index
+        self._first = index.first_of_shard()
         self._local = not re.match(r"^[a-zA-Z][\w+.-]*://", data_dir)
         self._fds: dict[int, int] = {}
+        self._missing: set[int] = set()  # shards whose file does not exist
         self._lock = threading.Lock()
 
     def _fd(self, shard: int) -> int:
@@ -332,29 +366,76 @@ class _RecordReader:
                     fd = self._fds[shard] = os.open(self._paths[shard], os.O_RDONLY)
         return fd
 
-    def read(self, shard: np.ndarray, offset: np.ndarray, nbytes: np.ndarray) -> list[bytes]:
-        """The payloads, in the given order (read in file order for locality)."""
-        out: list[bytes] = [b""] * shard.size
+    def read_raw(self, ids: np.ndarray) -> list[bytes]:
+        """The payloads of index rows `ids`, in the given order, unchecked (a read past the
+        end of a truncated shard, or from a missing file, comes back short). Read in file
+        order for locality."""
+        shard, offset = self._index.shard[ids], self._index.offset[ids]
+        nbytes = self._index.nbytes[ids]
+        out: list[bytes] = [b""] * ids.size
         order = np.lexsort((offset, shard))
         if self._local:
             for i in order:
-                out[i] = os.pread(self._fd(int(shard[i])), int(nbytes[i]), int(offset[i]))
-        else:
-            f, cur = None, -1
+                try:
+                    fd = self._fd(int(shard[i]))
+                except FileNotFoundError:
+                    self._missing.add(int(shard[i]))
+                    continue
+                out[i] = os.pread(fd, int(nbytes[i]), int(offset[i]))
+            return out
+        f, cur = None, -1
+        try:
             for i in order:
                 if shard[i] != cur:
                     if f is not None:
                         f.close()
-                    cur = int(shard[i])
-                    f = tf.io.gfile.GFile(self._paths[cur], "rb")
-                f.seek(int(offset[i]))
-                out[i] = f.read(int(nbytes[i]))
+                    cur, f = int(shard[i]), None
+                    if not tf.io.gfile.exists(self._paths[cur]):
+                        self._missing.add(cur)
+                    else:
+                        f = tf.io.gfile.GFile(self._paths[cur], "rb")
+                if f is None:
+                    continue
+                try:
+                    f.seek(int(offset[i]))
+                    out[i] = f.read(int(nbytes[i]))
+                except tf.errors.OutOfRangeError:  # past the end of a truncated shard
+                    out[i] = b""
+        finally:
             if f is not None:
                 f.close()
-        for i in range(shard.size):
-            if len(out[i]) != nbytes[i]:
-                raise ValueError(f"short read in {self._paths[int(shard[i])]}: the index does "
-                                 "not match the shard")
+        return out
+
+    def problem(self, i: int, payload: bytes) -> str | None:
+        """What is wrong with the payload read for index row `i` (None: it is intact)."""
+        if int(self._index.shard[i]) in self._missing:
+            return "missing: the shard file does not exist"
+        return shards.record_problem(payload, int(self._index.nbytes[i]),
+                                     int(self._index.crc[i]))
+
+    def describe(self, i: int, problem: str) -> str:
+        """'file: record j of the shard (...): problem' for index row `i`."""
+        s = int(self._index.shard[i])
+        return (f"{self._paths[s]}: record {i - int(self._first[s])} of the shard (payload at "
+                f"byte {int(self._index.offset[i])}; example {i} of split {self._split!r}): "
+                f"{problem}")
+
+    def read(self, ids: np.ndarray) -> list[bytes]:
+        """The payloads of index rows `ids`; CorruptRecord if any is damaged."""
+        out = self.read_raw(ids)
+        for i, payload in zip(ids.tolist(), out, strict=True):
+            problem = self.problem(i, payload)
+            if problem is not None:
+                raise CorruptRecord(self.describe(i, problem))
+        return out
+
+    def damaged(self, ids: np.ndarray) -> dict[int, str]:
+        """{index row: problem} of the damaged records among `ids`."""
+        out = {}
+        for i, payload in zip(ids.tolist(), self.read_raw(ids), strict=True):
+            problem = self.problem(i, payload)
+            if problem is not None:
+                out[i] = problem
         return out
 
     def close(self) -> None:
@@ -370,15 +451,139 @@ class _RecordReader:
             pass
 
 
-def _check_index(data_dir: str, split: str, index: shards.ShardIndex) -> None:
-    """Each shard must end exactly where its index says (catches a stale index)."""
+def _check_index(data_dir: str, split: str, index: shards.ShardIndex,
+                 allow_short: bool = False) -> None:
+    """Each shard must end exactly where its index says (catches a stale index and a
+    truncated shard); `allow_short` lets a truncated shard through (its records past the
+    end are then found damaged by the skip check). Shards in which a scan found damaged
+    frames (`index.problems`) are not checked: their damaged tail is not in the index."""
     ends = np.zeros(len(index.files), np.int64)  # payload end + crc of the last record
     np.maximum.at(ends, index.shard, index.offset + index.nbytes + 4)
-    for name, expected in zip(index.files, ends.tolist(), strict=True):
-        size = tf.io.gfile.stat(os.path.join(data_dir, name)).length
-        if size != expected:
-            raise ValueError(f"split {split}: shard {name} has {size} bytes, its index expects "
-                             f"{expected}; delete {shards.index_name(split)} to rebuild it")
+    scanned_damaged = {p.split(":")[0] for p in index.problems}
+    for s, (name, expected) in enumerate(zip(index.files, ends.tolist(), strict=True)):
+        if name in scanned_damaged:
+            continue
+        path = os.path.join(data_dir, name)
+        try:
+            size = tf.io.gfile.stat(path).length
+        except tf.errors.NotFoundError:
+            if allow_short:
+                continue
+            raise CorruptRecord(
+                f"split {split}: shard {path} is missing (its index lists "
+                f"{int(np.sum(index.shard == s))} records); restore it, or set skip_corrupt to "
+                "train without its records") from None
+        if size == expected or (allow_short and size < expected):
+            continue
+        if size < expected:
+            rows = np.flatnonzero(index.shard == s)
+            cut = int(np.sum(index.offset[rows] + index.nbytes[rows] + 4 > size))
+            raise CorruptRecord(
+                f"split {split}: shard {path} is truncated: {size} "
+                f"bytes, its index expects {expected} (the last {cut} of its {rows.size} "
+                f"records are cut off); restore the shard, set skip_corrupt to train without "
+                f"those records, or, if the shard was rewritten, delete "
+                f"{shards.index_name(split)} to rebuild the index")
+        raise ValueError(f"split {split}: shard {name} has {size} bytes, its index expects "
+                         f"{expected}; delete {shards.index_name(split)} to rebuild it")
+
+
+# Damaged records found by `_usable_records`, by (directory, split, index, shard stats).
+_DAMAGED: dict[tuple, dict[int, str]] = {}
+
+
+def _usable_records(data_dir: str, split: str, index: shards.ShardIndex,
+                    reader: _RecordReader, train: bool) -> np.ndarray:
+    """Index rows of the intact records of `split` (skip_corrupt), ascending.
+
+    Reads and checks every record (size and crc32) in chunks on a few threads; the result
+    depends only on the files, so every host finds the same rows. On the first check of a
+    given state of the files, logs one warning naming each damaged file.
+    """
+    stats = []
+    for name in index.files:
+        try:
+            st = tf.io.gfile.stat(os.path.join(data_dir, name))
+            stats.append((name, st.length, st.mtime_nsec))
+        except tf.errors.NotFoundError:
+            stats.append((name, -1, 0))
+    digest = zlib.crc32(b"".join(a.tobytes() for a in (index.shard, index.offset, index.nbytes,
+                                                       index.crc)))
+    key = (data_dir, split, digest, tuple(stats), index.problems)
+    bad = _DAMAGED.get(key)
+    fresh = bad is None
+    if fresh:
+        rows = np.arange(len(index), dtype=np.int64)
+        budget = 32 << 20  # bytes per chunk
+        cuts = np.flatnonzero(np.diff(np.cumsum(index.nbytes) // budget)) + 1
+        chunks = [c for c in np.split(rows, cuts) if c.size]
+        workers = max(1, min(8, os.cpu_count() or 1, len(chunks)))
+        bad = {}
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            for part in pool.map(reader.damaged, chunks):
+                bad.update(part)
+        while len(_DAMAGED) >= 8:
+            _DAMAGED.pop(next(iter(_DAMAGED)))
+        _DAMAGED[key] = bad
+    keep = np.ones(len(index), bool)
+    keep[list(bad)] = False
+    kept = np.flatnonzero(keep).astype(np.int64)
+    if fresh:
+        _warn_skipped(data_dir, split, index, reader, bad, kept, train)
+    return kept
+
+
+def _warn_skipped(data_dir: str, split: str, index: shards.ShardIndex, reader: _RecordReader,
+                  bad: dict[int, str], kept_rows: np.ndarray, train: bool) -> None:
+    """One warning: each damaged file, the records dropped from it, and N of M examples.
+
+    A file's expected count is its dataset.json `shard_lengths` entry when larger than what
+    its index holds (plus the frames a scan left out); M is dataset.json's `count`.
+    """
+    kept = np.bincount(index.shard[kept_rows], minlength=len(index.files))
+    files: dict[str, list] = {}  # name -> [expected, kept, reasons]
+    for s, name in enumerate(index.files):
+        files[name] = [int(np.sum(index.shard == s)), int(kept[s]), set()]
+    for i, problem in bad.items():
+        files[index.files[int(index.shard[i])]][2].add(problem.split(":")[0])
+    for problem in index.problems:  # frames a scan could not index: one record each
+        entry = files.get(problem.split(":")[0])
+        if entry is not None:
+            entry[0] += 1
+            entry[2].add("unreadable")
+    info = _split_info(data_dir, split)
+    for name, count in zip(info.get("files") or [], info.get("shard_lengths") or [],
+                           strict=False):
+        entry = files.get(name)
+        if entry is None:  # a shard dataset.json lists that is not there at all
+            files[name] = [int(count), 0, {"missing file"}]
+        elif int(count) > entry[0]:
+            entry[0] = int(count)
+            entry[2].add("missing")
+    total = sum(e[0] for e in files.values())
+    if info.get("count") is not None:
+        total = int(info["count"])
+    used = int(kept_rows.size)
+    damaged = [(name, e[0] - e[1], e[2]) for name, e in files.items() if e[0] > e[1]]
+    if not damaged and total == used:
+        return
+    shown = ", ".join(f"{name} ({n} record{'s' * (n != 1)}: {', '.join(sorted(why))})"
+                      for name, n, why in damaged)
+    log.warning("skip_corrupt: split %r in %s: dropped %d damaged record(s): %s; %s %d of %d "
+                "examples", split, data_dir, sum(n for _, n, _ in damaged), shown or "none",
+                "training on" if train else "evaluating on", used, total)
+    for i, problem in sorted(bad.items())[:20]:
+        log.info("skipped %s", reader.describe(i, problem))
+    for problem in index.problems[:20]:
+        log.info("skipped (not indexed) %s", problem)
+
+
+def _split_info(data_dir: str, split: str) -> dict:
+    """dataset.json's entry of `split` ({} when there is no dataset.json)."""
+    try:
+        return shards.load_dataset_info(data_dir).get("splits", {}).get(split) or {}
+    except (FileNotFoundError, ValueError):
+        return {}
 
 
 # --------------------------------------------------------------------------------------
@@ -412,21 +617,35 @@ class _BatchSource:
         self.train = train
         self.process_index, self.process_count = process_index, process_count
         self.index = shards.load_index(self.data_dir, split)
-        if len(self.index) == 0 and train:
+        if len(self.index) == 0 and train and not self.index.problems:
             raise ValueError(f"split {split!r} in {self.data_dir} has no examples")
-        _check_index(self.data_dir, split, self.index)
+        if self.index.problems and not cfg.skip_corrupt:
+            raise CorruptRecord(
+                f"split {split!r} in {self.data_dir} has damaged records: "
+                f"{'; '.join(self.index.problems)}; restore the shards, or set skip_corrupt "
+                "to train without them")
+        _check_index(self.data_dir, split, self.index, allow_short=cfg.skip_corrupt)
+        self.reader = _RecordReader(self.data_dir, split, self.index)
+        if cfg.skip_corrupt:
+            # [n] the index rows in the plan: the intact records, the same on every host
+            self.ids = _usable_records(self.data_dir, split, self.index, self.reader, train)
+        else:
+            self.ids = np.arange(len(self.index), dtype=np.int64)
+        if self.ids.size == 0 and train:
+            raise ValueError(f"split {split!r} in {self.data_dir} has no intact examples "
+                             f"({len(self.index)} indexed, all damaged)")
+        self.skipped = len(self.index) - int(self.ids.size)
         self.max_samples = _seconds(cfg.max_seconds if train else cfg.eval_max_seconds,
                                     cfg.sample_rate)
         full = self.index.length
         self.eff_len = np.minimum(full, self.max_samples) if self.max_samples else full.copy()
-        if len(self.index):
-            self.layout = _make_layout(self.eff_len, cfg, process_count, self.max_samples,
-                                       host_batch)
+        if self.ids.size:
+            self.layout = _make_layout(self.eff_len[self.ids], cfg, process_count,
+                                       self.max_samples, host_batch)
             self.bucket_of = _bucket_of(self.eff_len, self.layout)
-            self.steps = int(_count_batches(self.bucket_of, self.layout))
+            self.steps = int(_count_batches(self.bucket_of[self.ids], self.layout))
         else:
             self.layout, self.bucket_of, self.steps = None, None, 0
-        self.reader = _RecordReader(self.data_dir, self.index.files)
         self.spec = shards.parse_spec(self.index.num_classes)
         self._plans: dict[int, _Plan] = {}
         self._lock = threading.Lock()
@@ -444,35 +663,59 @@ class _BatchSource:
             return plan
 
     def _compute_plan(self, epoch: int) -> _Plan:
-        n = len(self.index)
+        ids = self.ids  # [n] index rows in the plan (all of them unless records were skipped)
         full = self.index.length
         over = np.maximum(full - self.eff_len, 0)
         if not self.train:
-            order = np.argsort(self.eff_len, kind="stable").astype(np.int64)
+            order = ids[np.argsort(self.eff_len[ids], kind="stable")]
             return _make_plan(order, self.bucket_of, self.layout, over // 2, None)
         seq = np.random.SeedSequence([int(self.cfg.seed), int(epoch)])
         r_order, r_batches, r_crop = (np.random.default_rng(s) for s in seq.spawn(3))
-        order = r_order.permutation(n) if self.cfg.shuffle else np.arange(n)
-        crop = np.floor(r_crop.random(n) * (over + 1)).astype(np.int64)
+        order = ids[r_order.permutation(ids.size)] if self.cfg.shuffle else ids
+        crop = np.floor(r_crop.random(len(self.index)) * (over + 1)).astype(np.int64)
         return _make_plan(order.astype(np.int64), self.bucket_of, self.layout, crop,
                           r_batches if self.cfg.shuffle else None)
 
     # -- one host batch (runs inside tf.data through py_function)
 
-    def host_batch(self, g: Any):
-        """The records of global batch number `g` (over epochs) for this host."""
+    def _host_rows(self, g: int) -> tuple[_Plan, int, np.ndarray, np.ndarray]:
+        """(plan, bucket, ids, fill) of global batch `g` for this host: `ids` the index rows
+        (-1 = padding example), `fill` the rows to read (padding repeats a real example)."""
         epoch, j = divmod(int(g), self.steps)
         plan = self.plan(epoch)
         k = int(plan.bucket[j])
         size = int(self.layout.global_batch[k])
         slots = plan.slots[plan.start[j]: plan.start[j] + size]
         ids = slots[self.process_index:: self.process_count]
-        valid = ids >= 0
-        fill = np.where(valid, ids, slots[slots >= 0][0])
-        payloads = self.reader.read(self.index.shard[fill], self.index.offset[fill],
-                                    self.index.nbytes[fill])
-        return (payloads, valid.astype(np.float32), plan.crop[fill], self.eff_len[fill],
+        fill = np.where(ids >= 0, ids, slots[slots >= 0][0])
+        return plan, k, ids, fill
+
+    def host_batch(self, g: Any):
+        """The records of global batch number `g` (over epochs) for this host."""
+        plan, k, ids, fill = self._host_rows(int(g))
+        payloads = self.reader.read(fill)
+        return (payloads, (ids >= 0).astype(np.float32), plan.crop[fill], self.eff_len[fill],
                 np.int64(self.layout.buckets[k]), ids)
+
+    def damage_in_batch(self, g: int) -> str | None:
+        """What is wrong with this host's records of global batch `g`, found by reading and
+        parsing them in Python (after the tf.data pipeline failed on that batch), or None."""
+        try:
+            fill = self._host_rows(g)[3]
+            payloads = self.reader.read_raw(fill)
+        except Exception:  # noqa: BLE001 - a diagnosis must not hide the original error
+            return None
+        for i, payload in zip(fill.tolist(), payloads, strict=True):
+            problem = self.reader.problem(i, payload)
+            if problem is None:
+                try:
+                    tf.io.parse_example(tf.constant([payload]), self.spec)
+                except (tf.errors.OpError, ValueError) as e:
+                    first = str(e).strip().splitlines()
+                    problem = f"unparsable: {first[0] if first else type(e).__name__}"
+            if problem is not None:
+                return self.reader.describe(i, problem)
+        return None
 
     def _decode(self, payload, valid, start, length, padded, ids):
         """Parses a batch of records; crops and zero-pads the int16 bytes to `padded`."""
@@ -517,6 +760,20 @@ class _BatchSource:
             return []
         return list(zip(self.layout.buckets.tolist(), self.layout.host_batch.tolist(),
                         strict=True))
+
+
+def _next_or_name_damage(it: Iterator, src: _BatchSource, g: int) -> dict:
+    """The next raw batch (global batch number `g`); a failure caused by a damaged record
+    becomes CorruptRecord naming the shard file and the record."""
+    try:
+        return next(it)
+    except StopIteration:
+        raise
+    except Exception as e:
+        found = src.damage_in_batch(g)
+        if found is not None:
+            raise CorruptRecord(found) from e
+        raise
 
 
 def _finish(batch: dict) -> dict:
@@ -565,6 +822,10 @@ class TrainIterator:
         if n is not None and int(n) != len(self._src.index):
             raise ValueError(f"pipeline state is for {n} examples but split "
                              f"{self._src.split!r} has {len(self._src.index)}")
+        skipped = state.get("skipped")
+        if skipped is not None and int(skipped) != self._src.skipped:
+            log.warning("the pipeline state skipped %s damaged records, now %d are skipped: the "
+                        "resumed stream is not exact", skipped, self._src.skipped)
         epoch, step = int(state["epoch"]), int(state["step"])
         if int(state.get("steps_per_epoch", self.steps_per_epoch)) != self.steps_per_epoch:
             log.warning("steps per epoch changed (%s -> %s): the resumed stream is not exact",
@@ -591,7 +852,8 @@ class TrainIterator:
         """Position after the last batch returned (JSON-serialisable)."""
         return {"version": _STATE_VERSION, "epoch": self.epoch, "step": self.step,
                 "seed": int(self.cfg.seed), "split": self._src.split,
-                "num_examples": len(self._src.index), "steps_per_epoch": self.steps_per_epoch}
+                "num_examples": len(self._src.index), "skipped": self._src.skipped,
+                "steps_per_epoch": self.steps_per_epoch}
 
     def __iter__(self) -> TrainIterator:
         return self
@@ -599,7 +861,7 @@ class TrainIterator:
     def __next__(self) -> dict:
         if self._it is None:
             self._it = self._src.dataset(self._g, _INT64_MAX).as_numpy_iterator()
-        batch = next(self._it)
+        batch = _next_or_name_damage(self._it, self._src, self._g)
         self._g += 1
         return _finish(batch)
 
@@ -652,7 +914,8 @@ def eval_batches(data_dir: str | Path, split: str, batch_size: int | None,
     if src.steps == 0:
         return
     try:
-        for batch in src.dataset(0, src.steps).as_numpy_iterator():
-            yield _finish(batch)
+        it = src.dataset(0, src.steps).as_numpy_iterator()
+        for g in range(src.steps):
+            yield _finish(_next_or_name_damage(it, src, g))
     finally:
         src.reader.close()

@@ -4,7 +4,8 @@ A prepared directory holds, per split, files named in the TFDS convention
 
     jaxser-{split}.tfrecord-{i:05d}-of-{n:05d}      serialized tf.train.Example records
     jaxser-{split}.index.npz                       one row per record: shard, byte offset,
-                                                   byte size, audio length in samples
+                                                   byte size, audio length in samples,
+                                                   crc32 of the payload
 
 plus `dataset_info.json` / `features.json` (so `tfds.builder_from_directory(DIR)` reads the
 shards) and `dataset.json` (written by `jaxser prepare`; see `load_dataset_info`).
@@ -19,6 +20,20 @@ payload sits in its shard (to read any record with one positioned read). The wri
 it for free: a TFRecord frame is `len:u64 | crc:u32 | payload | crc:u32`, so the payload of
 record j sits at 12 + sum_{i<j}(size_i + 16). For shards written by other tools the index is
 rebuilt by scanning the files once (`load_index`).
+
+Integrity. The pipeline reads payloads by offset, so TFRecord's own checksums (masked
+CRC-32C of the length and of the payload, checked only by a streaming TFRecord reader) are
+never looked at on that path. The index therefore stores `zlib.crc32` of every payload,
+computed by the writer from the bytes it serialised (index format version 2), and the
+reader checks each payload it reads against it: one pass of a C routine over bytes already
+in memory (about 7 GB/s on one core here, 19 us for a 4 s utterance; it releases the GIL).
+zlib's CRC-32 is used rather than TFRecord's CRC-32C because no CRC-32C library is
+installed (a pure Python one is far too slow for audio); both catch any flipped bit. When
+an index is built by scanning (`build_index`: no index, an index of version 1, or an
+unreadable one), every frame is read through TF's random-access TFRecord reader, which
+verifies the CRC-32C of the length and of the payload, so the CRC-32 recorded is that of
+intact data. Damaged frames are left out of a scanned index and described in
+`ShardIndex.problems`.
 """
 
 from __future__ import annotations
@@ -30,6 +45,7 @@ import os
 import re
 import struct
 import uuid
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +53,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from tensorflow.python.lib.io import tf_record as _tf_record  # random-access, CRC-checked
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +76,11 @@ INT_KEYS = ("length", "class_index", "domain")
 _FRAME_HEADER = 12  # u64 length + u32 masked crc of the length
 _FRAME_OVERHEAD = 16  # header + u32 masked crc of the payload
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+INDEX_VERSION = 2  # 1: no payload crc32; 2: `crc` per record
+
+
+class CorruptRecord(ValueError):
+    """A record of a shard is damaged (truncated, checksum mismatch, unparsable)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -162,6 +184,10 @@ class ShardIndex:
     nbytes: np.ndarray  # [N] int64, payload byte size
     length: np.ndarray  # [N] int64, audio samples
     num_classes: int
+    crc: np.ndarray  # [N] uint32, zlib.crc32 of each payload
+    # Damaged frames a scan found and left out ("file: record j (byte b): what"); never
+    # saved: an index with problems is kept in memory only (see `load_index`).
+    problems: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return int(self.shard.shape[0])
@@ -171,11 +197,16 @@ class ShardIndex:
         """Number of records in each shard."""
         return np.bincount(self.shard, minlength=len(self.files)).astype(int).tolist()
 
+    def first_of_shard(self) -> np.ndarray:
+        """[S] position in the index of the first record of each shard."""
+        return np.concatenate([[0], np.cumsum(self.shard_lengths)[:-1]]).astype(np.int64)
+
 
 def _save_index(out_dir: str | Path, split: str, idx: ShardIndex) -> None:
     buf = io.BytesIO()
     np.savez(buf, files=np.array(idx.files, dtype=str), shard=idx.shard, offset=idx.offset,
-             nbytes=idx.nbytes, length=idx.length, num_classes=np.int64(idx.num_classes))
+             nbytes=idx.nbytes, length=idx.length, num_classes=np.int64(idx.num_classes),
+             crc=idx.crc.astype(np.uint32), version=np.int64(INDEX_VERSION))
     _atomic_write(_join(out_dir, index_name(split)), buf.getvalue())
 
 
@@ -187,50 +218,202 @@ def _atomic_write(path: str, data: bytes) -> None:
 
 
 def load_index(data_dir: str | Path, split: str, num_classes: int | None = None) -> ShardIndex:
-    """The record index of `split`; rebuilt by scanning the shards if the file is missing."""
+    """The record index of `split`.
+
+    Read from its file when that is current (version 2); otherwise (missing, version 1
+    without checksums, unreadable) rebuilt by a checked scan of the shards (`build_index`)
+    and saved, unless the scan found damaged records (`problems`): such an index would go
+    stale once the shard is restored, so it is kept in memory only (memoised on the shards'
+    sizes and modification times, so repeated loads do not rescan).
+    """
     path = _join(data_dir, index_name(_check_split(split)))
+    why = ""
     if tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path, "rb") as f:
-            z = np.load(io.BytesIO(f.read()))
-            return ShardIndex(files=[str(s) for s in z["files"]], shard=z["shard"],
-                              offset=z["offset"], nbytes=z["nbytes"], length=z["length"],
-                              num_classes=int(z["num_classes"]))
-    idx = build_index(data_dir, split, num_classes)
-    try:
-        _save_index(data_dir, split, idx)
-    except (OSError, tf.errors.OpError) as e:  # read-only data dir: keep it in memory
-        log.warning("could not save the index of split %s: %s", split, e)
+        try:
+            got = _read_index(path)
+        except Exception as e:  # noqa: BLE001 - a damaged index file is rebuilt
+            got = f"it cannot be read ({_first_line(e)})"
+        if isinstance(got, ShardIndex):
+            return got
+        why = got if isinstance(got, str) else (f"it has format version {got} (no record "
+                                                "checksums)")
+    key = _scan_key(data_dir, split, num_classes)
+    idx = _SCANNED.get(key)
+    if idx is None:
+        if why:
+            log.warning("index of split %s in %s: %s; rebuilding it by a checked scan of the "
+                        "shards", split, data_dir, why)
+        idx = build_index(data_dir, split, num_classes)
+        if idx.problems:  # Reported by the pipeline: an error, or one skip_corrupt warning.
+            log.info("split %s in %s: %d damaged record(s) left out of the index: %s", split,
+                     data_dir, len(idx.problems), "; ".join(idx.problems))
+        else:
+            try:
+                _save_index(data_dir, split, idx)
+                return idx
+            except (OSError, tf.errors.OpError) as e:  # read-only data dir: keep it in memory
+                log.warning("could not save the index of split %s: %s", split, e)
+        while len(_SCANNED) >= 8:
+            _SCANNED.pop(next(iter(_SCANNED)))
+        _SCANNED[key] = idx
+    return idx
+
+
+# Indexes built by a scan but not saved, by (directory, split, classes, shard stats).
+_SCANNED: dict[tuple, ShardIndex] = {}
+
+
+def _scan_key(data_dir: str | Path, split: str, num_classes: int | None) -> tuple:
+    stats = []
+    for name in _glob_split(data_dir, split):
+        st = tf.io.gfile.stat(_join(data_dir, name))
+        stats.append((name, st.length, st.mtime_nsec))
+    return (os.fspath(data_dir), split, num_classes, tuple(stats))
+
+
+def _read_index(path: str) -> ShardIndex | int:
+    """The index in `path`, or its format version when that is older than INDEX_VERSION."""
+    with tf.io.gfile.GFile(path, "rb") as f:
+        z = np.load(io.BytesIO(f.read()))
+        version = int(z["version"]) if "version" in z.files else 1
+        if version > INDEX_VERSION:
+            raise ValueError(f"{path} has index format version {version}; this jaxser reads "
+                             f"up to {INDEX_VERSION}")
+        if version < INDEX_VERSION:
+            return version
+        idx = ShardIndex(files=[str(s) for s in z["files"]], shard=z["shard"],
+                         offset=z["offset"], nbytes=z["nbytes"], length=z["length"],
+                         num_classes=int(z["num_classes"]), crc=z["crc"].astype(np.uint32))
+    n = len(idx)
+    if not all(getattr(idx, k).shape == (n,) for k in ("offset", "nbytes", "length", "crc")):
+        raise ValueError(f"{path}: index arrays of different lengths")
     return idx
 
 
 def build_index(data_dir: str | Path, split: str, num_classes: int | None = None) -> ShardIndex:
-    """Scans the TFRecord frames of `split` (reads every record once)."""
+    """Scans the TFRecord frames of `split` (reads every record once, checksums verified).
+
+    Every frame is read with TF's CRC-checked random-access reader and parsed; a frame that
+    fails (truncated, checksum mismatch, not an Example of the record schema) is left out
+    and described in `problems`. After a damaged frame the scan goes on with the next one
+    when the damaged frame's length header is intact (its CRC-32C is checked here), else
+    the rest of that shard is lost (also reported).
+    """
     files = _glob_split(data_dir, split)
     if not files:
         raise ValueError(f"no shards of split {split!r} in {data_dir}")
-    shard, offset, nbytes, length = [], [], [], []
+    cols: dict[str, list] = {"shard": [], "offset": [], "nbytes": [], "length": [], "crc": []}
+    problems: list[str] = []
     k = num_classes
     for s, name in enumerate(files):
-        with tf.io.gfile.GFile(_join(data_dir, name), "rb") as f:
-            pos = 0
-            while True:
-                head = f.read(_FRAME_HEADER)
-                if len(head) < _FRAME_HEADER:
-                    break
-                (size,) = struct.unpack("<Q", head[:8])
-                payload = f.read(size)
-                f.read(4)
-                ex = tf.train.Example.FromString(payload).features.feature
-                shard.append(s)
-                offset.append(pos + _FRAME_HEADER)
-                nbytes.append(size)
-                length.append(ex["length"].int64_list.value[0])
-                if k is None:
-                    k = len(ex["label"].float_list.value)
-                pos += size + _FRAME_OVERHEAD
-    return ShardIndex(files=files, shard=np.array(shard, np.int32),
-                      offset=np.array(offset, np.int64), nbytes=np.array(nbytes, np.int64),
-                      length=np.array(length, np.int64), num_classes=int(k or 0))
+        path = _join(data_dir, name)
+        size = tf.io.gfile.stat(path).length
+        reader = _tf_record.tf_record_random_reader(path)
+        pos, j = 0, 0
+        while pos < size:
+            try:
+                payload, nxt = reader.read(pos)
+                what = None
+            except (tf.errors.OpError, IndexError) as e:  # checksum mismatch, truncated
+                payload, what = None, _first_line(e)
+                nxt, lost = _next_frame(path, pos, size)
+                what += lost
+            if payload is not None:
+                what, length, labels = _check_example(payload, k)
+                if what is None:
+                    k = labels if k is None else k
+                    cols["shard"].append(s)
+                    cols["offset"].append(pos + _FRAME_HEADER)
+                    cols["nbytes"].append(len(payload))
+                    cols["length"].append(length)
+                    cols["crc"].append(zlib.crc32(payload))
+            if what is not None:
+                problems.append(f"{name}: record {j} (byte {pos}): {what}")
+            if nxt is None:
+                break
+            pos, j = nxt, j + 1
+    return ShardIndex(files=files, shard=np.array(cols["shard"], np.int32),
+                      offset=np.array(cols["offset"], np.int64),
+                      nbytes=np.array(cols["nbytes"], np.int64),
+                      length=np.array(cols["length"], np.int64), num_classes=int(k or 0),
+                      crc=np.array(cols["crc"], np.uint32), problems=tuple(problems))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _check_example(payload: bytes, num_classes: int | None) -> tuple[str | None, int, int]:
+    """(problem or None, audio length, number of label values) of one serialized record."""
+    try:
+        feat = tf.train.Example.FromString(payload).features.feature
+        length = int(feat["length"].int64_list.value[0])
+        audio = feat["audio"].bytes_list.value[0]
+        labels = len(feat["label"].float_list.value)
+    except Exception as e:  # noqa: BLE001 - the reason is the report
+        return f"not a record of the jaxser schema ({_first_line(e)})", 0, 0
+    if len(audio) != 2 * length:
+        return f"audio has {len(audio)} bytes for length {length}", 0, 0
+    if num_classes is not None and labels != num_classes:
+        return f"label has {labels} values, expected {num_classes}", 0, 0
+    return None, length, labels
+
+
+def _next_frame(path: str, pos: int, size: int) -> tuple[int | None, str]:
+    """(offset of the frame after the damaged one at `pos` or None, what is lost with it).
+
+    The scan can step over a damaged frame only when its length header is intact (its
+    CRC-32C matches) and the frame ends inside the file.
+    """
+    with tf.io.gfile.GFile(path, "rb") as f:
+        f.seek(pos)
+        head = f.read(_FRAME_HEADER)
+    if len(head) == _FRAME_HEADER:
+        (n,) = struct.unpack("<Q", head[:8])
+        (crc,) = struct.unpack("<I", head[8:])
+        if _masked_crc32c(head[:8]) == crc:
+            end = pos + n + _FRAME_OVERHEAD
+            return (end, "") if end <= size else (None, " (the shard ends inside it)")
+    return None, (f"; its length header is damaged: the rest of the shard ({size - pos} "
+                  "bytes) cannot be read")
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def _masked_crc32c(data: bytes) -> int:
+    """TFRecord's masked CRC-32C, in pure Python: for the 8-byte length headers only."""
+    c = 0xFFFFFFFF
+    for b in data:
+        c = _CRC32C[(c ^ b) & 0xFF] ^ (c >> 8)
+    c ^= 0xFFFFFFFF
+    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def record_problem(payload: bytes, nbytes: int, crc: int) -> str | None:
+    """What is wrong with a payload read by offset (None when it matches its index row).
+
+    Checks the size (a short read: the shard is truncated) and the zlib.crc32 the index
+    recorded (any changed byte); one C pass over bytes already in memory.
+    """
+    if len(payload) != nbytes:
+        return f"truncated: read {len(payload)} of {nbytes} bytes (the shard ends early)"
+    got = zlib.crc32(payload)
+    if got != crc:
+        return (f"checksum mismatch: crc32 {got:08x}, the index recorded {crc:08x} (the record "
+                "was changed after it was written)")
+    return None
 
 
 def _glob_split(data_dir: str | Path, split: str) -> list[str]:
@@ -274,7 +457,7 @@ def write_split(
     serializer = tfds.core.example_serializer.ExampleSerializer(features.get_serialized_info())
     tag = uuid.uuid4().hex[:8]
     tmp_paths: list[str] = []
-    shard, offset, nbytes, length = [], [], [], []
+    shard, offset, nbytes, length, crc = [], [], [], [], []
     writer, pos = None, 0
     try:
         for n, raw in enumerate(examples):
@@ -292,6 +475,7 @@ def write_split(
             offset.append(pos + _FRAME_HEADER)
             nbytes.append(len(payload))
             length.append(ex["length"])
+            crc.append(zlib.crc32(payload))
             pos += len(payload) + _FRAME_OVERHEAD
         if writer is None:  # an empty split still gets one (empty) shard
             tmp_paths.append(_join(out_dir, f".tmp-{tag}-{split}-00000"))
@@ -315,7 +499,8 @@ def write_split(
         tf.io.gfile.rename(tmp, _join(out_dir, name), overwrite=True)
     idx = ShardIndex(files=names, shard=np.array(shard, np.int32),
                      offset=np.array(offset, np.int64), nbytes=np.array(nbytes, np.int64),
-                     length=np.array(length, np.int64), num_classes=num_classes)
+                     length=np.array(length, np.int64), num_classes=num_classes,
+                     crc=np.array(crc, np.uint32))
     _save_index(out_dir, split, idx)
     out = ShardList(names)
     out.shard_lengths = idx.shard_lengths

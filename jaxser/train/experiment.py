@@ -24,7 +24,8 @@ def pipeline_config(cfg, batch_multiple: int) -> pipeline.PipelineConfig:
     return pipeline.PipelineConfig(
         global_batch=d.global_batch, buckets_seconds=tuple(d.buckets_seconds),
         num_buckets=d.num_buckets, batch_seconds=d.batch_seconds, max_seconds=d.max_seconds,
-        seed=cfg.seed, batch_multiple=batch_multiple)
+        seed=cfg.seed, batch_multiple=batch_multiple,
+        skip_corrupt=bool(d.get("skip_corrupt", False)))
 
 
 class Experiment:
