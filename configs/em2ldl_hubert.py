@@ -20,7 +20,7 @@ Other encoders through fields: `--config.model.encoder=wav2vec2` (wav2vec2 / XLS
 or `--config.model.encoder=whisper`, with `--config.model.pretrained=<HF folder>`.
 """
 
-from jaxser.config import base_config
+from jaxser.config import base_config, make_smoke_hubert
 
 # Variant -> (prepare split spec, folder suffix). The data folder is data/em2ldl_<suffix>.
 EVALUATIONS = {
@@ -79,24 +79,5 @@ def get_config(variant: str = ""):
     c.train.log_every = 20  # Steps between logged training metrics.
 
     if variant == "smoke":
-        c.workdir = "runs/em2ldl_hubert/smoke"
-        c.data.dir = "runs/smoke/data"
-        c.data.global_batch = 8  # One utterance per CPU device in tests.
-        c.data.eval_batch = 8
-        c.data.num_buckets = 1  # One compiled shape: faster tests.
-        c.model.size = ""  # No preset: only the tiny overrides below.
-        c.model.pretrained = ""  # Random initialisation.
-        o = c.model.encoder_overrides
-        o.hidden_size = 32  # Tiny HuBERT.
-        o.num_hidden_layers = 1
-        o.num_attention_heads = 2
-        o.intermediate_size = 64
-        o.conv_dim = (32, 32, 32)  # Three conv layers: 20 ms frames would need seven.
-        o.conv_stride = (5, 2, 2)
-        o.conv_kernel = (10, 3, 3)
-        o.num_conv_pos_embeddings = 16
-        o.num_conv_pos_embedding_groups = 4
-        c.optim.lr = 1e-3  # A random tiny model needs a large rate.
-        c.train.epochs = 1
-        c.train.log_every = 1
+        make_smoke_hubert(c, "em2ldl_hubert")
     return c

@@ -19,7 +19,7 @@ Variants (`--config configs/mll_eam_flam.py:VARIANT`):
   smoke    a tiny random HuBERT that trains in seconds on CPU (tests)
 """
 
-from jaxser.config import base_config
+from jaxser.config import base_config, make_smoke_hubert
 
 
 def get_config(variant: str = ""):
@@ -65,26 +65,7 @@ def get_config(variant: str = ""):
         c.workdir = "runs/mll_eam_flam_frozen"
         c.optim.freeze = ("encoder/*",)  # The whole SSL encoder stays fixed.
     elif variant == "smoke":
-        c.workdir = "runs/mll_eam_flam/smoke"
-        c.data.dir = "runs/smoke/data"
-        c.data.global_batch = 8  # One utterance per CPU device in tests.
-        c.data.eval_batch = 8
-        c.data.num_buckets = 1  # One compiled shape: faster tests.
-        c.model.size = ""  # No preset: only the tiny overrides below.
-        c.model.pretrained = ""  # Random initialisation.
-        o = c.model.encoder_overrides
-        o.hidden_size = 32  # Tiny HuBERT (16 heads of 2 dims in the attention module).
-        o.num_hidden_layers = 1
-        o.num_attention_heads = 2
-        o.intermediate_size = 64
-        o.conv_dim = (32, 32, 32)
-        o.conv_stride = (5, 2, 2)
-        o.conv_kernel = (10, 3, 3)
-        o.num_conv_pos_embeddings = 16
-        o.num_conv_pos_embedding_groups = 4
-        c.optim.lr = 1e-3  # A random tiny model needs a large rate.
-        c.train.epochs = 1
-        c.train.log_every = 1
+        make_smoke_hubert(c, "mll_eam_flam")
     elif variant:
         raise ValueError(f"unknown variant {variant!r} of configs/mll_eam_flam.py: frozen, smoke")
     return c

@@ -135,6 +135,26 @@ def base_config() -> ConfigDict:
     return c
 
 
+def make_smoke_hubert(c: ConfigDict, name: str) -> ConfigDict:
+    """The `smoke` variant of a HuBERT-family config: a random tiny HuBERT (three conv
+    layers, one transformer layer) and CPU-sized batches, for seconds-long test runs."""
+    c.workdir = f"runs/{name}/smoke"
+    c.data.dir = "runs/smoke/data"
+    c.data.global_batch = 8  # One utterance per forced CPU device in tests.
+    c.data.eval_batch = 8
+    c.data.num_buckets = 1  # One compiled shape: faster tests.
+    c.model.size = ""  # No preset: only the tiny overrides below.
+    c.model.pretrained = ""  # Random initialisation.
+    c.model.encoder_overrides = ConfigDict(dict(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(32, 32, 32), conv_stride=(5, 2, 2), conv_kernel=(10, 3, 3),
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4))
+    c.optim.lr = 1e-3  # A random tiny model needs a large rate.
+    c.train.epochs = 1
+    c.train.log_every = 1
+    return c
+
+
 def _load_module(path: Path):
     spec = importlib.util.spec_from_file_location(f"jaxser_config_{path.stem}", path)
     if spec is None or spec.loader is None:
