@@ -278,7 +278,8 @@ def torch_encoder(model: str, enc_cfg, frames: int | None = None):
     return model_cls(config)
 
 
-def torch_ser_model(model: str, enc_cfg, frames: int | None = None):
+def torch_ser_model(model: str, enc_cfg, frames: int | None = None,
+                    num_classes: int = NUM_CLASSES):
     """PyTorch encoder + mean pool over valid frames + linear head (a torch.nn.Module)."""
     import torch
 
@@ -289,7 +290,7 @@ def torch_ser_model(model: str, enc_cfg, frames: int | None = None):
         def __init__(self):
             super().__init__()
             self.encoder = torch_encoder(model, enc_cfg, frames)
-            self.head = torch.nn.Linear(hidden, NUM_CLASSES)
+            self.head = torch.nn.Linear(hidden, num_classes)
 
         def forward(self, inputs, attention_mask=None, frame_mask=None):
             if family == "whisper":
