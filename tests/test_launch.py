@@ -90,8 +90,10 @@ def test_two_processes_start_like_slurm(data_dir, tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, (out, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    for rank, (p, (out, _)) in enumerate(zip(procs, outs, strict=True)):
+        others = "\n".join(f"--- process {i} stderr:\n{e[-2000:]}" for i, (_, e) in
+                           enumerate(outs))
+        assert p.returncode == 0, f"process {rank} exited {p.returncode}\n{others}"
         assert '"step": 2' in out
     log = (tmp_path / "train.log").read_text()
     assert "2 process(es)" in log and "mesh {'data': 4" in log, log
