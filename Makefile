@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WORKDIR ?= runs/demo
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-slow lint clean
 
 install: $(STAMP)
 
@@ -20,11 +20,13 @@ $(STAMP): requirements.txt requirements-test.txt setup.cfg pyproject.toml
 demo: install
 	$(BIN)/jaxser demo --workdir $(WORKDIR)
 
+# The default suite (well under 15 minutes on 2 CPU cores).
 test: install
-	$(BIN)/python -m pytest tests
-
-test-fast: install
 	$(BIN)/python -m pytest -m "not slow" tests
+
+# Multi-process, kill/resume, end-to-end and method-config runs (CI runs them too).
+test-slow: install
+	$(BIN)/python -m pytest -m slow tests
 
 lint: install
 	$(BIN)/ruff check jaxser tests bench configs
