@@ -72,11 +72,15 @@ class Checkpoints:
 
     def save_latest(self, step: int, state, data_state: dict, meta: dict) -> None:
         """Starts saving the resume point (async: `wait()` before relying on it)."""
+        # One save in flight across both managers: with several processes, two concurrent
+        # async saves of the same step synchronise on barriers that can cross and hang.
+        self.best.wait_until_finished()
         self.latest.save(step, args=self._args(state, data_state, meta), force=True)
 
     def save_best(self, step: int, state, data_state: dict, meta: dict,
                   metrics: dict[str, float]) -> None:
         """Offers a validated state to the best-k manager (kept if among the k best)."""
+        self.latest.wait_until_finished()  # One save in flight (see save_latest).
         self.best.save(step, args=self._args(state, data_state, meta), force=True,
                        metrics={k: float(v) for k, v in metrics.items()
                                 if isinstance(v, int | float)})
