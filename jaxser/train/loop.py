@@ -458,4 +458,5 @@ def _run(cfg, exp, ckpt, meta, state, best, train_iter, jit_train, key) -> dict:
         log.info("SIGTERM (preemption): stopped at step %d of %d and saved a checkpoint in %s; "
                  "run the same command again to resume", step, exp.total_steps,
                  Path(cfg.workdir) / "checkpoints" / "latest")
-    return {"step": step, "stopped": stop_reason, "best": best}
+    return {"step": step, "stopped": stop_reason,
+            "best": {k: v for k, v in best.items() if k != "metrics"}}
