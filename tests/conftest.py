@@ -6,3 +6,34 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tmp_path_factory) -> Path:
+    """ROOT with corpus/, data/ and train/ (a 2-step frame_logits model), built once a session
+    for the evaluation, prediction, export and notebook tests."""
+    from jaxser import config as config_lib
+    from jaxser.data import prepare, synthetic
+    from jaxser.train import loop
+
+    root = tmp_path_factory.getbasetemp() / "jaxser_tiny_workdir"
+    if not (root / "DONE").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        manifest = synthetic.generate_corpus(root / "corpus", num_speakers=6,
+                                             utterances_per_speaker=4, seed=1)
+        prepare.prepare([manifest], root / "data", split="speaker:60/20/20", workers=0,
+                        progress=False)
+        loop.train(config_lib.load_config(f"{DEMO_CONFIG}:smoke", [
+            f"--config.workdir={root / 'train'}", f"--config.data.dir={root / 'data'}",
+            "--config.train.max_steps=2", "--config.train.eval_every=2",
+            "--config.data.num_buckets=1", "--config.model.pooling=frame_logits"]))
+        (root / "DONE").write_text("ok")
+    return root

@@ -3,36 +3,15 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
-from jaxser import config as config_lib
-from jaxser.data import prepare, synthetic
-from jaxser.train import loop
-
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "evaluate.ipynb"
-CONFIG = REPO / "configs" / "demo.py"
 
 
-def tiny_workdir(tmp_path_factory) -> Path:
-    """ROOT with corpus/, data/ and train/ (a 2-step frame_logits model); built once."""
-    root = tmp_path_factory.getbasetemp() / "jaxser_tiny_workdir"
-    if not (root / "DONE").exists():
-        shutil.rmtree(root, ignore_errors=True)
-        manifest = synthetic.generate_corpus(root / "corpus", num_speakers=6,
-                                             utterances_per_speaker=4, seed=1)
-        prepare.prepare([manifest], root / "data", split="speaker:60/20/20", workers=0,
-                        progress=False)
-        loop.train(config_lib.load_config(f"{CONFIG}:smoke", [
-            f"--config.workdir={root / 'train'}", f"--config.data.dir={root / 'data'}",
-            "--config.train.max_steps=2", "--config.train.eval_every=2",
-            "--config.data.num_buckets=1", "--config.model.pooling=frame_logits"]))
-        (root / "DONE").write_text("ok")
-    return root
 
 
 def test_notebook_is_committed_without_outputs():
@@ -43,11 +22,11 @@ def test_notebook_is_committed_without_outputs():
 
 
 @pytest.mark.slow
-def test_notebook_runs(tmp_path_factory, tmp_path, monkeypatch):
+def test_notebook_runs(tiny_workdir, tmp_path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
-    root = tiny_workdir(tmp_path_factory)
+    root = tiny_workdir
     # A `python3` kernel spec that runs this interpreter (the venv), whatever else is
     # installed on the machine.
     spec = tmp_path / "jupyter" / "kernels" / "python3"

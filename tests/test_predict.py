@@ -4,43 +4,23 @@ invariance, emotion over time, frame-level outputs, chunking of over-long audio.
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
 from jaxser import cli
-from jaxser import config as config_lib
-from jaxser.data import prepare, synthetic
+from jaxser.data import synthetic
 from jaxser.predict import PAD_MULTIPLE, SAMPLE_RATE, Predictor, padded_length
-from jaxser.train import loop
 
 pytestmark = pytest.mark.slow
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 
 
-def tiny_workdir(tmp_path_factory) -> Path:
-    """ROOT with corpus/, data/ and train/ (a 2-step frame_logits model); built once."""
-    root = tmp_path_factory.getbasetemp() / "jaxser_tiny_workdir"
-    if not (root / "DONE").exists():
-        shutil.rmtree(root, ignore_errors=True)
-        manifest = synthetic.generate_corpus(root / "corpus", num_speakers=6,
-                                             utterances_per_speaker=4, seed=1)
-        prepare.prepare([manifest], root / "data", split="speaker:60/20/20", workers=0,
-                        progress=False)
-        loop.train(config_lib.load_config(f"{CONFIG}:smoke", [
-            f"--config.workdir={root / 'train'}", f"--config.data.dir={root / 'data'}",
-            "--config.train.max_steps=2", "--config.train.eval_every=2",
-            "--config.data.num_buckets=1", "--config.model.pooling=frame_logits"]))
-        (root / "DONE").write_text("ok")
-    return root
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tiny_workdir(tmp_path_factory)
+def root(tiny_workdir):
+    return tiny_workdir
 
 
 @pytest.fixture(scope="module")
