@@ -23,7 +23,8 @@ def make_mesh(mesh_cfg: Mapping, devices=None) -> Mesh:
     sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
     known = int(np.prod([s for s in sizes if s != -1]))
     if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+        named = dict(zip(MESH_AXES, sizes, strict=True))
+        raise ValueError(f"at most one mesh axis may be -1, got {named}")
     if -1 in sizes:
         if len(devices) % known:
             raise ValueError(f"{len(devices)} devices do not divide into mesh axes {sizes}")
@@ -32,7 +33,7 @@ def make_mesh(mesh_cfg: Mapping, devices=None) -> Mesh:
         devices = devices[:int(np.prod(sizes))]  # An explicit smaller mesh (tests, bench).
     if int(np.prod(sizes)) != len(devices):
         raise ValueError(
-            f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+            f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {int(np.prod(sizes))} devices, "
             f"there are {len(devices)}")
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
                          devices=devices)

@@ -107,8 +107,9 @@ def make_train_step(cfg: Mapping, model: ser_model.SERModel, tx: optax.GradientT
 
             def body(carry, xs):
                 i, mb = xs
-                (l, t), g = grad_fn(state.params, mb, jax.random.fold_in(key, i), grl_lambda)
-                return jax.tree.map(jnp.add, carry, (l, t, g)), None
+                (loss_i, terms_i), g = grad_fn(state.params, mb, jax.random.fold_in(key, i),
+                                               grl_lambda)
+                return jax.tree.map(jnp.add, carry, (loss_i, terms_i, g)), None
 
             shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro),
                                     key, grl_lambda)
