@@ -35,10 +35,9 @@ the network padding-invariant too.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -47,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxser.models.attention import dot_product_attention
+from jaxser.models.layers import ACTIVATIONS as _ACTIVATIONS
 from jaxser.models.outputs import EncoderOutput
 
 _FAMILIES = ("hubert", "wav2vec2")
@@ -54,16 +54,6 @@ _HF_PREFIXES = {"hubert": "hubert.", "wav2vec2": "wav2vec2."}
 _HF_ARCHITECTURES = {"hubert": "HubertModel", "wav2vec2": "Wav2Vec2Model"}
 _ENCODER_KEY_ROOTS = ("feature_extractor.", "feature_projection.", "encoder.")
 
-# Activation names as in transformers' ACT2FN ("gelu" is the exact erf GELU).
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-        "gelu": functools.partial(jax.nn.gelu, approximate=False),
-        "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-        "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-        "relu": jax.nn.relu,
-        "silu": jax.nn.silu,
-        "swish": jax.nn.silu,
-        "tanh": jnp.tanh,
-}
 
 # HF config fields copied one to one (tuples become lists in `to_hf`).
 _HF_FIELDS = (

@@ -24,7 +24,6 @@ Parameter tree (names follow HF so conversion is mechanical; freeze the stem wit
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -35,18 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxser.models.attention import IMPLEMENTATIONS, dot_product_attention
+from jaxser.models.layers import ACTIVATIONS as _ACTIVATIONS
+from jaxser.models.layers import DTYPES as _DTYPES
 from jaxser.models.outputs import EncoderOutput
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _ATTENTION = IMPLEMENTATIONS
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-        "gelu": functools.partial(jax.nn.gelu, approximate=False),
-        "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-        "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-        "relu": jax.nn.relu,
-        "silu": jax.nn.silu,
-        "swish": jax.nn.silu,
-}
 
 # Fields shared with transformers' WhisperConfig (encoder side), in from_hf/to_hf.
 _HF_FIELDS = (
