@@ -153,16 +153,15 @@ class TorchRunner:
 
 def _probe(args) -> None:
     """Child process: one warm-up and one timed step of one framework; prints peak RSS."""
-    batch = common.random_batch(args.model, args.batch, args.seconds)
+    enc_cfg = common.build_jaxser(args.model, args.dtype, args.remat)[1]
+    batch = common.random_batch(args.model, args.batch, args.seconds,
+                                getattr(enc_cfg, "num_mel_bins", 80))
     if args.probe == "jaxser":
         runner = JaxserRunner(args, batch, common.CompileCounter())
-        runner.step()
-        runner.step()
     else:
-        enc_cfg = common.build_jaxser(args.model, args.dtype, args.remat)[1]
         runner = TorchRunner(args, batch, enc_cfg)
-        runner.step()
-        runner.step()
+    runner.step()
+    runner.step()
     print(json.dumps({"peak_rss_gib": peak_rss_gib()}))
 
 
