@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxser.models.attention import dot_product_attention
+from jaxser.models.attention import IMPLEMENTATIONS, dot_product_attention
 from jaxser.models.layers import ACTIVATIONS as _ACTIVATIONS
 from jaxser.models.outputs import EncoderOutput
 
@@ -75,8 +75,10 @@ class HubertConfig:
     jaxser fields: `family` ("hubert" or "wav2vec2": only changes checkpoint key names and
     whether the feature-projection layer norm is optional), `dtype` (compute dtype, e.g.
     "bfloat16"), `param_dtype`, `remat` (rematerialise each transformer layer), `attention`
-    (implementation for `dot_product_attention`: "auto", "einsum", "xla", "cudnn") and
-    `masked_group_norm` (see the module docstring: padding-invariant group norm).
+    (implementation for `dot_product_attention`: "auto", "einsum", "blockwise", "xla",
+    "cudnn"), `pos_conv` (the positional convolution: "direct", "fft", or "auto": FFT on CPU,
+    where XLA's 128-tap grouped convolution is >10x slower than PyTorch's, direct elsewhere)
+    and `masked_group_norm` (see the module docstring: padding-invariant group norm).
     """
 
     family: str = "hubert"
@@ -106,6 +108,7 @@ class HubertConfig:
     param_dtype: str = "float32"
     remat: bool = False
     attention: str = "auto"
+    pos_conv: str = "auto"
     masked_group_norm: bool = True
 
     def __post_init__(self):
@@ -195,8 +198,10 @@ def _validate(cfg: HubertConfig) -> None:
             raise ValueError(f"{name} {getattr(cfg, name)!r} is not one of {sorted(_ACTIVATIONS)}")
     if cfg.family == "wav2vec2" and not cfg.feat_proj_layer_norm:
         raise ValueError("wav2vec2 always has the feature-projection layer norm")
-    if cfg.attention not in ("auto", "einsum", "xla", "cudnn"):
-        raise ValueError(f"attention {cfg.attention!r} is not auto/einsum/xla/cudnn")
+    if cfg.attention not in IMPLEMENTATIONS:
+        raise ValueError(f"attention {cfg.attention!r} is not one of {IMPLEMENTATIONS}")
+    if cfg.pos_conv not in ("auto", "direct", "fft"):
+        raise ValueError(f"pos_conv {cfg.pos_conv!r} is not auto/direct/fft")
     for name in ("dtype", "param_dtype"):
         try:
             jnp.dtype(getattr(cfg, name))
@@ -411,6 +416,48 @@ class FeatureProjection(nn.Module):
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
+def _fft_size(n: int) -> int:
+    """The smallest 2^a 3^b 5^c >= n (a fast FFT length)."""
+    best = 1 << max(n - 1, 0).bit_length()
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            m = p35
+            while m < n:
+                m *= 2
+            best = min(best, m)
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
+def _grouped_conv_same_fft(x: jax.Array, kernel: jax.Array, groups: int) -> jax.Array:
+    """Grouped cross-correlation over time with `len // 2` zero padding on both sides,
+    computed through the FFT (float32).
+
+    x: [batch, frames, channels]; kernel: [k, channels // groups, channels] (WIO, as
+    `lax.conv_general_dilated(..., feature_group_count=groups)`) -> [batch, frames + 2 *
+    (k // 2) - k + 1, channels]. The same numbers as the direct convolution within float32
+    rounding, but XLA:CPU's direct convolution with a 128-tap grouped kernel is more than
+    10x slower than this (and than PyTorch's), see docs/benchmarks.md.
+    """
+    batch, frames, channels = x.shape
+    k = kernel.shape[0]
+    per_group = channels // groups
+    pad = k // 2
+    out_frames = frames + 2 * pad - k + 1
+    n = _fft_size(frames + k - 1)  # linear (not circular) convolution
+    xf = jnp.fft.rfft(x.astype(jnp.float32).reshape(batch, frames, groups, per_group),
+                      n=n, axis=1)  # [B, F, G, in]
+    # Reversed taps turn the correlation into a convolution.
+    wf = jnp.fft.rfft(kernel[::-1].astype(jnp.float32).reshape(k, per_group, groups, per_group),
+                      n=n, axis=0)  # [F, in, G, out]
+    y = jnp.fft.irfft(jnp.einsum("bfgi,figo->bfgo", xf, wf), n=n, axis=1)
+    start = k - 1 - pad
+    return y[:, start:start + out_frames].reshape(batch, out_frames, channels)
+
+
 class WeightNormConv(nn.Module):
     """Grouped 'same' conv over time with torch's weight norm (dim=2), NWC layout.
 
@@ -436,11 +483,17 @@ class WeightNormConv(nn.Module):
         bias = self.param("bias", _partitioned(nn.initializers.zeros, ("embed",)), (dim,), pdtype)
         v32 = v.astype(jnp.float32)
         norm = jnp.sqrt(jnp.sum(v32 * v32, axis=(1, 2), keepdims=True))  # [k, 1, 1]
-        kernel = (v32 * (g.astype(jnp.float32)[:, None, None] / norm)).astype(cfg.compute_dtype)
-        y = jax.lax.conv_general_dilated(
-                x.astype(cfg.compute_dtype), kernel, window_strides=(1,),
-                padding=[(k // 2, k // 2)], dimension_numbers=("NWC", "WIO", "NWC"),
-                feature_group_count=groups)
+        kernel = v32 * (g.astype(jnp.float32)[:, None, None] / norm)
+        method = cfg.pos_conv
+        if method == "auto":
+            method = "fft" if jax.default_backend() == "cpu" else "direct"
+        if method == "fft":
+            y = _grouped_conv_same_fft(x, kernel, groups).astype(cfg.compute_dtype)
+        else:
+            y = jax.lax.conv_general_dilated(
+                    x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype),
+                    window_strides=(1,), padding=[(k // 2, k // 2)],
+                    dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=groups)
         return y + bias.astype(cfg.compute_dtype)
 
 
