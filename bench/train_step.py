@@ -28,6 +28,11 @@ What is compared
     .venv/bin/python bench/train_step.py --model whisper-base --batch 4 --seconds 30 --steps 3
     .venv/bin/python bench/train_step.py --model hubert-base --batch 4 --seconds 4
 
+`--isolate` runs jaxser and then PyTorch each in its own child process (one after the other,
+not alternating) for shapes where the two frameworks' memory does not fit in one process,
+e.g. hubert-base at 4 x 30 s on a 24 GiB machine; the ratio is then only as good as the
+machine's load was steady.
+
 `--max-batch-search` (slow, opt-in) finds the largest batch whose step fits in memory, for
 both frameworks with remat off and on, by doubling the batch in child processes and
 checking their peak resident memory against `--memory-gib`.
@@ -64,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attention", default="auto", help="jaxser attention implementation")
     p.add_argument("--no-torch", action="store_true", help="time jaxser only")
     p.add_argument("--no-jaxser", action="store_true", help="time PyTorch only")
+    p.add_argument("--isolate", action="store_true",
+                   help="time each framework in its own child process, one after the other")
     p.add_argument("--wait-quiet", type=float, default=0.0,
                    help="wait up to this many seconds for a 1-min load average below "
                         "--quiet-load before timing")
@@ -204,14 +211,47 @@ def max_batch_search(args) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- isolate
+
+
+def _child_result(argv: list[str], flag: str) -> dict:
+    """Runs this script for one framework in a child process; returns its JSON line."""
+    cmd = [sys.executable, __file__, *[a for a in argv if a != "--isolate"], flag]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+    print(proc.stdout, end="", flush=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"child {' '.join(cmd[1:])} failed with exit code {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def isolated(args, argv: list[str]) -> dict:
+    """jaxser, then PyTorch, each in a child process; one merged JSON line."""
+    result = _child_result(argv, "--no-torch")
+    torch_result = _child_result(argv, "--no-jaxser")
+    for key in ("torch_step_s", "torch_step_min_max_s", "torch_audio_s_per_s"):
+        result[key] = torch_result[key]
+    result["load_average"] = [result["load_average"][0], torch_result["load_average"][1]]
+    result["throughput_ratio"] = round(result["torch_step_s"] / result["jaxser_step_s"], 3)
+    result["isolated"] = True
+    print(f"throughput jaxser / PyTorch (separate processes): {result['throughput_ratio']:.2f}x")
+    print(json.dumps(result))
+    return result
+
+
 # ----------------------------------------------------------------------------- main
 
 
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.probe:
         _probe(args)
         return {}
+    if args.isolate:
+        if args.max_batch_search or args.no_torch or args.no_jaxser:
+            raise SystemExit("--isolate times both frameworks; run --max-batch-search, "
+                             "--no-torch or --no-jaxser without it")
+        return isolated(args, argv)
     if args.wait_quiet:
         print(f"waiting up to {args.wait_quiet:.0f} s for load < {args.quiet_load}: "
               f"{common.wait_for_quiet(args.wait_quiet, args.quiet_load)}", flush=True)

@@ -316,21 +316,42 @@ def _dense(cfg: HubertConfig, features, names, name: str, in_axes: int = 1) -> D
     return DenseGeneral(features, names, cfg, in_axes, name=name)
 
 
-def _masked_instance_norm(x: jax.Array, valid: jax.Array | None, eps: float) -> jax.Array:
+def _weighted_sum(x: jax.Array, w: jax.Array) -> jax.Array:
+    """sum_t w[b, t] x[b, t, c] -> [b, 1, c], as a dot: XLA:CPU fuses a plain reduction over
+    time into its elementwise consumers and recomputes it there, which made this norm's
+    backward >10x slower than PyTorch's on 30 s inputs."""
+    return jnp.einsum("btc,bt->bc", x, w, precision="highest")[:, None]
+
+
+@jax.custom_vjp
+def _masked_instance_norm(x: jax.Array, w: jax.Array) -> jax.Array:
     """Per-channel normalisation over time (GroupNorm with groups == channels), float32.
 
-    x: [batch, frames, channels]; valid: [batch, frames] bool or None (all frames count).
+    x: [batch, frames, channels] float32; w: [batch, frames] float32, 1 for the frames whose
+    statistics count (0 for padding). Every frame is normalised with those statistics.
     """
-    x = x.astype(jnp.float32)
-    if valid is None:
-        mean = jnp.mean(x, axis=1, keepdims=True)
-        var = jnp.mean((x - mean) ** 2, axis=1, keepdims=True)
-    else:
-        w = valid[:, :, None].astype(jnp.float32)
-        count = jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1.0)
-        mean = jnp.sum(x * w, axis=1, keepdims=True) / count
-        var = jnp.sum(((x - mean) * w) ** 2, axis=1, keepdims=True) / count
-    return (x - mean) * jax.lax.rsqrt(var + eps)
+    return _instance_norm_fwd(x, w)[0]
+
+
+def _instance_norm_fwd(x, w):
+    count = jnp.maximum(jnp.sum(w, axis=1), 1.0)[:, None, None]
+    mean = _weighted_sum(x, w) / count
+    centred = x - mean
+    rstd = jax.lax.rsqrt(_weighted_sum(centred * centred, w) / count + 1e-5)
+    y = centred * rstd
+    return y, (y, rstd, w, count)
+
+
+def _instance_norm_bwd(residuals, dy):
+    # dx = rstd * (dy - w / n * (sum_t dy + y * sum_t dy * y)), sums over every frame (the
+    # padded ones too: their outputs also depend on the statistics).
+    y, rstd, w, count = residuals
+    ones = jnp.ones_like(w)
+    sum_dy, sum_dy_y = _weighted_sum(dy, ones), _weighted_sum(dy * y, ones)
+    return rstd * (dy - w[:, :, None] * (sum_dy + y * sum_dy_y) / count), None
+
+
+_masked_instance_norm.defvjp(_instance_norm_fwd, _instance_norm_bwd)
 
 
 class GroupNorm(nn.Module):
@@ -347,7 +368,9 @@ class GroupNorm(nn.Module):
                            (channels,), pdtype)
         bias = self.param("bias", _partitioned(nn.initializers.zeros, ("channels",)),
                           (channels,), pdtype)
-        x = _masked_instance_norm(x, valid, 1e-5) * scale + bias
+        x = x.astype(jnp.float32)
+        w = jnp.ones(x.shape[:2], jnp.float32) if valid is None else valid.astype(jnp.float32)
+        x = _masked_instance_norm(x, w) * scale + bias
         return x.astype(cfg.compute_dtype)
 
 
