@@ -47,6 +47,7 @@ import numpy as np
 
 from jaxser.models.attention import IMPLEMENTATIONS, dot_product_attention
 from jaxser.models.layers import ACTIVATIONS as _ACTIVATIONS
+from jaxser.models.layers import DenseGeneral, partitioned
 from jaxser.models.outputs import EncoderOutput
 
 _FAMILIES = ("hubert", "wav2vec2")
@@ -271,49 +272,21 @@ def normalize_waveform(audio: jax.Array, lengths: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- layers
 
 
-def _partitioned(init, names):
-    return nn.with_logical_partitioning(init, names)
-
-
 def _layer_norm(cfg: HubertConfig, axis: str, eps: float, name: str) -> nn.LayerNorm:
     """A LayerNorm as torch computes it (two-pass variance), params named by `axis`."""
     return nn.LayerNorm(
             epsilon=eps, dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype),
             use_fast_variance=False,
-            scale_init=_partitioned(nn.initializers.ones, (axis,)),
-            bias_init=_partitioned(nn.initializers.zeros, (axis,)), name=name)
-
-
-class DenseGeneral(nn.Module):
-    """Dense layer contracting the last `in_axes` axes into `features`, with logical names.
-
-    flax's own DenseGeneral initialises a flattened 2-D kernel and reshapes it, which breaks
-    multi-axis logical names under a mesh; this one creates the kernel in its real shape.
-    """
-
-    features: tuple[int, ...]
-    names: tuple[str, ...]  # logical names of the kernel: input axes, then feature axes
-    config: HubertConfig
-    in_axes: int = 1
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        cfg, pdtype = self.config, jnp.dtype(self.config.param_dtype)
-        shape = (*x.shape[x.ndim - self.in_axes:], *self.features)
-        kernel = self.param("kernel", _partitioned(nn.initializers.normal(0.02), self.names),
-                            shape, pdtype)
-        bias = self.param("bias", _partitioned(nn.initializers.zeros,
-                          self.names[self.in_axes:]), self.features, pdtype)
-        dtype = cfg.compute_dtype
-        contract = tuple(range(x.ndim - self.in_axes, x.ndim))
-        y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype),
-                                ((contract, tuple(range(self.in_axes))), ((), ())))
-        return y + bias.astype(dtype)
+            scale_init=partitioned(nn.initializers.ones, (axis,)),
+            bias_init=partitioned(nn.initializers.zeros, (axis,)), name=name)
 
 
 def _dense(cfg: HubertConfig, features, names, name: str, in_axes: int = 1) -> DenseGeneral:
+    """A projection whose kernel has logical `names`: `in_axes` input axes, then features."""
     features = features if isinstance(features, tuple) else (features,)
-    return DenseGeneral(features, names, cfg, in_axes, name=name)
+    return DenseGeneral(features, kernel_axes=names, bias_axes=names[in_axes:],
+                        dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype),
+                        name=name)
 
 
 def _weighted_sum(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -364,9 +337,9 @@ class GroupNorm(nn.Module):
         # x: [batch, frames, channels]; valid: [batch, frames] or None
         cfg = self.config
         channels, pdtype = x.shape[-1], jnp.dtype(cfg.param_dtype)
-        scale = self.param("scale", _partitioned(nn.initializers.ones, ("channels",)),
+        scale = self.param("scale", partitioned(nn.initializers.ones, ("channels",)),
                            (channels,), pdtype)
-        bias = self.param("bias", _partitioned(nn.initializers.zeros, ("channels",)),
+        bias = self.param("bias", partitioned(nn.initializers.zeros, ("channels",)),
                           (channels,), pdtype)
         x = x.astype(jnp.float32)
         w = jnp.ones(x.shape[:2], jnp.float32) if valid is None else valid.astype(jnp.float32)
@@ -389,18 +362,17 @@ class ConvLayer(nn.Module):
                 channels, kernel_size=(cfg.conv_kernel[i],), strides=(cfg.conv_stride[i],),
                 padding="VALID", use_bias=cfg.conv_bias, dtype=cfg.compute_dtype,
                 param_dtype=jnp.dtype(cfg.param_dtype),
-                kernel_init=_partitioned(nn.initializers.he_normal(),
+                kernel_init=partitioned(nn.initializers.he_normal(),
                                          ("conv_kernel", None, "channels")),
-                bias_init=_partitioned(nn.initializers.zeros, ("channels",)), name="conv")(x)
+                bias_init=partitioned(nn.initializers.zeros, ("channels",)), name="conv")(x)
         x = nn.with_logical_constraint(x, ("batch", "length", "channels"))
         if cfg.feat_extract_norm == "layer":
             x = _layer_norm(cfg, "channels", 1e-5, "layer_norm")(x)
         elif i == 0:
             x = GroupNorm(cfg, name="layer_norm")(x, valid)
-        x = _ACTIVATIONS[cfg.feat_extract_activation](x)
-        if valid is not None:
-            x = jnp.where(valid[:, :, None], x, 0).astype(cfg.compute_dtype)
-        return x
+        # Padded frames are left as they are: a valid frame's receptive field never reaches
+        # them (see `feature_lengths`), and zeroing them costs a pass over the largest arrays.
+        return _ACTIVATIONS[cfg.feat_extract_activation](x)
 
 
 class FeatureExtractor(nn.Module):
@@ -498,12 +470,12 @@ class WeightNormConv(nn.Module):
         k, groups = cfg.num_conv_pos_embeddings, cfg.num_conv_pos_embedding_groups
         dim, pdtype = cfg.hidden_size, jnp.dtype(cfg.param_dtype)
         std = 2.0 * math.sqrt(1.0 / (k * dim))  # HF's init of the conv weight.
-        v = self.param("weight_v", _partitioned(nn.initializers.normal(std),
+        v = self.param("weight_v", partitioned(nn.initializers.normal(std),
                        ("conv_kernel", None, "embed")), (k, dim // groups, dim), pdtype)
         g_init = std * math.sqrt(dim * dim // groups)  # ~ ||v||: the kernel starts near v.
-        g = self.param("weight_g", _partitioned(nn.initializers.constant(g_init),
+        g = self.param("weight_g", partitioned(nn.initializers.constant(g_init),
                        ("conv_kernel",)), (k,), pdtype)
-        bias = self.param("bias", _partitioned(nn.initializers.zeros, ("embed",)), (dim,), pdtype)
+        bias = self.param("bias", partitioned(nn.initializers.zeros, ("embed",)), (dim,), pdtype)
         v32 = v.astype(jnp.float32)
         norm = jnp.sqrt(jnp.sum(v32 * v32, axis=(1, 2), keepdims=True))  # [k, 1, 1]
         kernel = v32 * (g.astype(jnp.float32)[:, None, None] / norm)

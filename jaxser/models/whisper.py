@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -36,6 +36,7 @@ import numpy as np
 from jaxser.models.attention import IMPLEMENTATIONS, dot_product_attention
 from jaxser.models.layers import ACTIVATIONS as _ACTIVATIONS
 from jaxser.models.layers import DTYPES as _DTYPES
+from jaxser.models.layers import DenseGeneral, partitioned
 from jaxser.models.outputs import EncoderOutput
 
 _ATTENTION = IMPLEMENTATIONS
@@ -144,40 +145,6 @@ def _sinusoid_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.floa
     return jnp.asarray(sinusoids(*shape), dtype)
 
 
-def _partitioned(init: Callable, axes: tuple[str, ...]) -> Callable:
-    return nn.with_logical_partitioning(init, axes)
-
-
-class _DenseGeneral(nn.Module):
-    """y = x . kernel + bias over the last len(kernel_axes) - len(features) input axes.
-
-    Flax's own DenseGeneral builds multi-axis kernels flat and reshapes them, which breaks the
-    logical sharding constraint of a [embed, heads, kv] kernel under a mesh; this one creates
-    the kernel in its final shape.
-    """
-
-    features: tuple[int, ...]
-    kernel_axes: tuple[str, ...]
-    bias_axes: tuple[str, ...]
-    use_bias: bool = True
-    init_std: float = 0.02
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        n_in = len(self.kernel_axes) - len(self.features)
-        kernel = self.param(
-                "kernel", _partitioned(nn.initializers.normal(self.init_std), self.kernel_axes),
-                x.shape[-n_in:] + self.features, self.param_dtype)
-        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=n_in)
-        if self.use_bias:
-            bias = self.param("bias", _partitioned(nn.initializers.zeros_init(), self.bias_axes),
-                              self.features, self.param_dtype)
-            y = y + bias.astype(self.dtype)
-        return y
-
-
 class _Modules:
     """Factories for the config's layer types (dtype, init, logical axes in one place)."""
 
@@ -190,7 +157,7 @@ class _Modules:
     def dense(self, features, kernel_axes, bias_axes, name, *, use_bias=True):
         """Projection contracting the input's last axes with a logically partitioned kernel."""
         features = (features,) if isinstance(features, int) else tuple(features)
-        return _DenseGeneral(
+        return DenseGeneral(
                 features, kernel_axes=kernel_axes, bias_axes=bias_axes, use_bias=use_bias,
                 init_std=self.cfg.init_std, dtype=self.dtype, param_dtype=self.param_dtype,
                 name=name)
@@ -200,16 +167,16 @@ class _Modules:
         return nn.LayerNorm(
                 epsilon=self.cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                 name=name,
-                scale_init=_partitioned(nn.initializers.ones_init(), ("embed",)),
-                bias_init=_partitioned(nn.initializers.zeros_init(), ("embed",)))
+                scale_init=partitioned(nn.initializers.ones_init(), ("embed",)),
+                bias_init=partitioned(nn.initializers.zeros_init(), ("embed",)))
 
     def conv(self, in_axis, stride, name):
         """Kernel-3, padding-1 conv over time (NWC), as Whisper's stem."""
         return nn.Conv(
                 self.cfg.d_model, kernel_size=(3,), strides=(stride,), padding=((1, 1),),
                 dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-                kernel_init=_partitioned(self.kernel, ("conv_kernel", in_axis, "embed")),
-                bias_init=_partitioned(nn.initializers.zeros_init(), ("embed",)))
+                kernel_init=partitioned(self.kernel, ("conv_kernel", in_axis, "embed")),
+                bias_init=partitioned(nn.initializers.zeros_init(), ("embed",)))
 
 
 class WhisperAttention(nn.Module):
@@ -301,7 +268,7 @@ class WhisperEncoder(nn.Module):
         x = jax.nn.gelu(mk.conv("channels", 2, "conv2")(x), approximate=False)  # [B, T, E]
         mask = frame_mask[:, ::2]  # [B, T]
         positions = self.param(
-                "embed_positions", _partitioned(_sinusoid_init, ("length", "embed")),
+                "embed_positions", partitioned(_sinusoid_init, ("length", "embed")),
                 (cfg.max_source_positions, cfg.d_model), mk.param_dtype)
         x = x + positions[:out_len].astype(mk.dtype)
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
