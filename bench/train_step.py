@@ -346,4 +346,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    from jaxser import hugepages  # the same malloc as `jaxser train`, for both frameworks
+
+    hugepages.reexec([__file__, *sys.argv[1:]])
     main()

@@ -196,7 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """The `jaxser` command. Run as a program (argv None) it first re-executes itself with
+    huge-page malloc (jaxser.hugepages); called with an argv list (tests) it does not."""
+    if argv is None:
+        from jaxser import hugepages
+
+        hugepages.reexec(["-m", "jaxser.cli", *sys.argv[1:]])
+        argv = sys.argv[1:]
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "train" and args.folds:
