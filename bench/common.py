@@ -82,6 +82,7 @@ def machine() -> dict[str, Any]:
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
             "load_average": load_average(),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),  # jaxser.hugepages
     }
 
 

@@ -2,13 +2,16 @@
 
 Both sides train a randomly initialised encoder + mean pool + linear head with a KL loss
 and AdamW on the same fixed-shape batch (all frames valid, every dropout and LayerDrop
-off), in the same precision, in one process; the steps alternate (jaxser, PyTorch,
-jaxser, ...) so that a change in the machine's load hits both, and the medians are
-compared. Printed: step times (median, min, max), audio-seconds per second, the
-throughput ratio, the FLOPs of jaxser's step from XLA's cost analysis, MFU on an
-accelerator with a known peak (null on CPU), the number of compilations of the step
-(it must compile once, during warm-up), the machine and its load average. The last line
-is one JSON object.
+off), in the same precision, each framework in its own child process, one after the other,
+and the medians are compared. (`--same-process` alternates the steps of both in one
+process instead, so that a change in the machine's load hits both; but on CPU a jaxser
+step that follows a PyTorch step then takes ~2 s longer than one that follows a jaxser
+step, hubert-base 4 x 4 s: 4.7-4.9 s against 2.5-2.7 s, with or without huge pages and
+with OMP_WAIT_POLICY=passive, so separate processes are the default.) Printed: step times
+(median, min, max), audio-seconds per second, the throughput ratio, the FLOPs of jaxser's
+step from XLA's cost analysis, MFU on an accelerator with a known peak (null on CPU), the
+number of compilations of the step (it must compile once, during warm-up), the machine and
+its load average. The last line is one JSON object.
 
 What is compared
 ----------------
@@ -27,11 +30,6 @@ What is compared
 
     .venv/bin/python bench/train_step.py --model whisper-base --batch 4 --seconds 30 --steps 3
     .venv/bin/python bench/train_step.py --model hubert-base --batch 4 --seconds 4
-
-`--isolate` runs jaxser and then PyTorch each in its own child process (one after the other,
-not alternating) for shapes where the two frameworks' memory does not fit in one process,
-e.g. hubert-base at 4 x 30 s on a 24 GiB machine; the ratio is then only as good as the
-machine's load was steady.
 
 `--max-batch-search` (slow, opt-in) finds the largest batch whose step fits in memory, for
 both frameworks with remat off and on, by doubling the batch in child processes and
@@ -69,8 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attention", default="auto", help="jaxser attention implementation")
     p.add_argument("--no-torch", action="store_true", help="time jaxser only")
     p.add_argument("--no-jaxser", action="store_true", help="time PyTorch only")
-    p.add_argument("--isolate", action="store_true",
-                   help="time each framework in its own child process, one after the other")
+    p.add_argument("--same-process", action="store_true",
+                   help="time both frameworks in this process, alternating steps (default: "
+                        "each in its own child process, one after the other)")
     p.add_argument("--wait-quiet", type=float, default=0.0,
                    help="wait up to this many seconds for a 1-min load average below "
                         "--quiet-load before timing")
@@ -216,7 +215,7 @@ def max_batch_search(args) -> dict:
 
 def _child_result(argv: list[str], flag: str) -> dict:
     """Runs this script for one framework in a child process; returns its JSON line."""
-    cmd = [sys.executable, __file__, *[a for a in argv if a != "--isolate"], flag]
+    cmd = [sys.executable, __file__, *argv, flag]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
     print(proc.stdout, end="", flush=True)
     if proc.returncode != 0:
@@ -224,11 +223,12 @@ def _child_result(argv: list[str], flag: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def isolated(args, argv: list[str]) -> dict:
+def isolated(argv: list[str]) -> dict:
     """jaxser, then PyTorch, each in a child process; one merged JSON line."""
-    result = _child_result(argv, "--no-torch")
-    torch_result = _child_result(argv, "--no-jaxser")
-    for key in ("torch_step_s", "torch_step_min_max_s", "torch_audio_s_per_s"):
+    result = _child_result(argv, "--no-torch")  # runs --max-batch-search, if asked
+    torch_result = _child_result([a for a in argv if a != "--max-batch-search"], "--no-jaxser")
+    for key in ("torch_step_s", "torch_step_min_max_s", "torch_step_times_s",
+                "torch_audio_s_per_s"):
         result[key] = torch_result[key]
     result["load_average"] = [result["load_average"][0], torch_result["load_average"][1]]
     result["throughput_ratio"] = round(result["torch_step_s"] / result["jaxser_step_s"], 3)
@@ -247,11 +247,8 @@ def main(argv=None) -> dict:
     if args.probe:
         _probe(args)
         return {}
-    if args.isolate:
-        if args.max_batch_search or args.no_torch or args.no_jaxser:
-            raise SystemExit("--isolate times both frameworks; run --max-batch-search, "
-                             "--no-torch or --no-jaxser without it")
-        return isolated(args, argv)
+    if not (args.same_process or args.no_torch or args.no_jaxser):
+        return isolated(argv)
     if args.wait_quiet:
         print(f"waiting up to {args.wait_quiet:.0f} s for load < {args.quiet_load}: "
               f"{common.wait_for_quiet(args.wait_quiet, args.quiet_load)}", flush=True)
@@ -316,6 +313,7 @@ def main(argv=None) -> dict:
                   f"{batch.audio_seconds / s['median']:.1f} audio-s/s", flush=True)
             result[f"{name}_step_s"] = round(s["median"], 4)
             result[f"{name}_step_min_max_s"] = [round(s["min"], 4), round(s["max"], 4)]
+            result[f"{name}_step_times_s"] = [round(t, 3) for t in times[name]]
             result[f"{name}_audio_s_per_s"] = round(batch.audio_seconds / s["median"], 2)
         else:
             result[f"{name}_step_s"] = None
