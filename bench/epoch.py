@@ -48,6 +48,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
+from jaxser import hugepages  # noqa: E402
 
 WHISPER_SAMPLES = 480_000  # 30 s
 
@@ -314,7 +315,18 @@ class JaxserChild:
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_serve, args=(args, data_dir, info, child),
                                 name="bench-jaxser")
-        self.proc.start()
+        # jaxser as `jaxser train` runs it: with huge-page malloc (jaxser.hugepages); the
+        # PyTorch side (this process) keeps the default malloc, which suits it better.
+        saved = os.environ.get("GLIBC_TUNABLES")
+        if hugepages.wanted():
+            os.environ["GLIBC_TUNABLES"] = hugepages.TUNABLE
+        try:
+            self.proc.start()
+        finally:
+            if saved is None:
+                os.environ.pop("GLIBC_TUNABLES", None)
+            else:
+                os.environ["GLIBC_TUNABLES"] = saved
         self.setup = self._receive()
 
     def _receive(self) -> dict:
@@ -420,7 +432,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from jaxser import hugepages  # the same malloc as `jaxser train`, for both frameworks
-
-    hugepages.reexec([__file__, *sys.argv[1:]])
     main()

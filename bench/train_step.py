@@ -7,11 +7,13 @@ and the medians are compared. (`--same-process` alternates the steps of both in 
 process instead, so that a change in the machine's load hits both; but on CPU a jaxser
 step that follows a PyTorch step then takes ~2 s longer than one that follows a jaxser
 step, hubert-base 4 x 4 s: 4.7-4.9 s against 2.5-2.7 s, with or without huge pages and
-with OMP_WAIT_POLICY=passive, so separate processes are the default.) Printed: step times
-(median, min, max), audio-seconds per second, the throughput ratio, the FLOPs of jaxser's
-step from XLA's cost analysis, MFU on an accelerator with a known peak (null on CPU), the
-number of compilations of the step (it must compile once, during warm-up), the machine and
-its load average. The last line is one JSON object.
+with OMP_WAIT_POLICY=passive, so separate processes are the default.) Each side runs with
+its own default malloc: jaxser with huge pages (jaxser.hugepages, as `jaxser train`),
+PyTorch with glibc's default (huge pages made its whisper-base 4 x 30 s step 10% slower).
+Printed: step times (median, min, max), audio-seconds per second, the throughput ratio,
+the FLOPs of jaxser's step from XLA's cost analysis, MFU on an accelerator with a known
+peak (null on CPU), the number of compilations of the step (it must compile once, during
+warm-up), the machine and its load average. The last line is one JSON object.
 
 What is compared
 ----------------
@@ -344,7 +346,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from jaxser import hugepages  # the same malloc as `jaxser train`, for both frameworks
+    if "--no-torch" in sys.argv:  # jaxser alone, with its malloc as `jaxser train` runs it
+        from jaxser import hugepages
 
-    hugepages.reexec([__file__, *sys.argv[1:]])
+        hugepages.reexec([__file__, *sys.argv[1:]])
     main()
