@@ -55,8 +55,10 @@ def base_config() -> ConfigDict:
     c.model.head_hidden = 0  # Hidden width of the emotion head; 0: linear head.
     c.model.dropout = 0.0  # Dropout before the emotion head.
     c.model.dtype = "float32"  # Compute dtype: float32 | bfloat16 (parameters stay float32).
-    c.model.remat = False  # Rematerialise each encoder layer in the backward pass.
-    c.model.attention = "auto"  # auto (by backend) | einsum | xla | cudnn.
+    # Rematerialise each encoder layer in the backward pass (saves memory on GPU/TPU; XLA:CPU
+    # removes the recomputation, see docs/benchmarks.md).
+    c.model.remat = False
+    c.model.attention = "auto"  # auto (by backend) | einsum | blockwise | xla | cudnn.
     c.model.domain_head = False  # Domain-adversarial head on the corpus id (gradient reversal).
     c.model.domain_hidden = 256  # Hidden width of the domain head.
 
