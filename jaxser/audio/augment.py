@@ -23,6 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.fft
 
 # Noise colour name -> integer code used by `add_noise` (power spectrum ~ 1 / f**code).
 NOISE_COLORS = {"white": 0, "pink": 1, "brown": 2}
@@ -248,23 +249,6 @@ def _sinc_resample(audio, lengths, pos, factor, half_width):
     return acc / total
 
 
-def _smooth_size(n: int) -> int:
-    """The smallest 2^a * 3^b * 5^c >= n (FFTs of such sizes are fast; 2N=128000 was 10x
-    slower than 73728 on XLA:CPU)."""
-    best = 1 << max(n - 1, 0).bit_length()
-    p5 = 1
-    while p5 < best:
-        p35 = p5
-        while p35 < best:
-            size = p35
-            while size < n:
-                size *= 2
-            best = min(best, size)
-            p35 *= 3
-        p5 *= 5
-    return best
-
-
 def biquad_response(
         freq_hz: jax.Array,
         gain_db: jax.Array,
@@ -341,7 +325,7 @@ def equalize(
     """
     _check_audio(audio, lengths)
     n = audio.shape[-1]
-    fft_size = _smooth_size(n + tail)
+    fft_size = scipy.fft.next_fast_len(n + tail, real=True)  # 2^a 3^b 5^c: 10x faster than 2N
     x = _masked(audio, lengths).astype(jnp.float32)
     spectrum = jnp.fft.rfft(x, n=fft_size, axis=-1)  # [B, n + 1]
     response = biquad_response(freq_hz.astype(jnp.float32), gain_db.astype(jnp.float32),

@@ -44,6 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.fft
 
 from jaxser.models.attention import IMPLEMENTATIONS, dot_product_attention
 from jaxser.models.layers import ACTIVATIONS as _ACTIVATIONS
@@ -411,22 +412,6 @@ class FeatureProjection(nn.Module):
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
-def _fft_size(n: int) -> int:
-    """The smallest 2^a 3^b 5^c >= n (a fast FFT length)."""
-    best = 1 << max(n - 1, 0).bit_length()
-    p5 = 1
-    while p5 < best:
-        p35 = p5
-        while p35 < best:
-            m = p35
-            while m < n:
-                m *= 2
-            best = min(best, m)
-            p35 *= 3
-        p5 *= 5
-    return best
-
-
 def _grouped_conv_same_fft(x: jax.Array, kernel: jax.Array, groups: int) -> jax.Array:
     """Grouped cross-correlation over time with `len // 2` zero padding on both sides,
     computed through the FFT (float32).
@@ -442,7 +427,7 @@ def _grouped_conv_same_fft(x: jax.Array, kernel: jax.Array, groups: int) -> jax.
     per_group = channels // groups
     pad = k // 2
     out_frames = frames + 2 * pad - k + 1
-    n = _fft_size(frames + k - 1)  # linear (not circular) convolution
+    n = scipy.fft.next_fast_len(frames + k - 1, real=True)  # linear, not circular
     xf = jnp.fft.rfft(x.astype(jnp.float32).reshape(batch, frames, groups, per_group),
                       n=n, axis=1)  # [B, F, G, in]
     # Reversed taps turn the correlation into a convolution.
