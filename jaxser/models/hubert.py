@@ -291,9 +291,9 @@ def _dense(cfg: HubertConfig, features, names, name: str, in_axes: int = 1) -> D
 
 
 def _weighted_sum(x: jax.Array, w: jax.Array) -> jax.Array:
-    """sum_t w[b, t] x[b, t, c] -> [b, 1, c], as a dot: XLA:CPU fuses a plain reduction over
-    time into its elementwise consumers and recomputes it there, which made this norm's
-    backward >10x slower than PyTorch's on 30 s inputs."""
+    """sum_t w[b, t] x[b, t, c] -> [b, 1, c], as a dot: XLA:CPU's YNNPACK fusions of a plain
+    reduction over time with its elementwise neighbours made this norm's autodiff backward
+    ~3x slower than the direct passes (docs/benchmarks.md); a dot stays a separate op."""
     return jnp.einsum("btc,bt->bc", x, w, precision="highest")[:, None]
 
 
