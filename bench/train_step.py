@@ -52,6 +52,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
 
@@ -230,7 +231,8 @@ def isolated(argv: list[str]) -> dict:
     result = _child_result(argv, "--no-torch")  # runs --max-batch-search, if asked
     torch_result = _child_result([a for a in argv if a != "--max-batch-search"], "--no-jaxser")
     for key in ("torch_step_s", "torch_step_min_max_s", "torch_step_times_s",
-                "torch_audio_s_per_s"):
+                "torch_audio_s_per_s", "torch_page_faults_per_step",
+                "torch_system_cpu_s_per_step"):
         result[key] = torch_result[key]
     result["load_average"] = [result["load_average"][0], torch_result["load_average"][1]]
     result["throughput_ratio"] = round(result["torch_step_s"] / result["jaxser_step_s"], 3)
@@ -284,6 +286,9 @@ def main(argv=None) -> dict:
             tc.step()
 
     times = {"jaxser": [], "torch": []}
+    # Page faults and system CPU per step: what huge-page malloc (jaxser.hugepages) removes.
+    faults = {"jaxser": [], "torch": []}
+    system_s = {"jaxser": [], "torch": []}
     loads = [common.load_average()]
     counter.count = 0
     with counter:
@@ -293,7 +298,11 @@ def main(argv=None) -> dict:
                 order.reverse()  # A B B A: neither side always follows the other
             for name, runner in order:
                 if runner is not None:
+                    before = resource.getrusage(resource.RUSAGE_SELF)
                     times[name].append(runner.step())
+                    after = resource.getrusage(resource.RUSAGE_SELF)
+                    faults[name].append(after.ru_minflt - before.ru_minflt)
+                    system_s[name].append(after.ru_stime - before.ru_stime)
             loads.append(common.load_average())
     if jx is not None:
         compiles_after_warmup = counter.count
@@ -317,6 +326,10 @@ def main(argv=None) -> dict:
             result[f"{name}_step_min_max_s"] = [round(s["min"], 4), round(s["max"], 4)]
             result[f"{name}_step_times_s"] = [round(t, 3) for t in times[name]]
             result[f"{name}_audio_s_per_s"] = round(batch.audio_seconds / s["median"], 2)
+            result[f"{name}_page_faults_per_step"] = int(np.median(faults[name]))
+            result[f"{name}_system_cpu_s_per_step"] = round(float(np.median(system_s[name])), 2)
+            print(f"{name:7s} per step: {result[f'{name}_page_faults_per_step']} page faults, "
+                  f"{result[f'{name}_system_cpu_s_per_step']} s system CPU", flush=True)
         else:
             result[f"{name}_step_s"] = None
     ratio = None
