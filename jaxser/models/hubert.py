@@ -35,6 +35,7 @@ the network padding-invariant too.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -48,7 +49,7 @@ import scipy.fft
 
 from jaxser.models.attention import IMPLEMENTATIONS, dot_product_attention
 from jaxser.models.layers import ACTIVATIONS as _ACTIVATIONS
-from jaxser.models.layers import DenseGeneral, partitioned
+from jaxser.models.layers import DenseGeneral, partitioned, run_layers
 from jaxser.models.outputs import EncoderOutput
 
 _FAMILIES = ("hubert", "wav2vec2")
@@ -541,13 +542,23 @@ class FeedForward(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """One transformer layer, post-LN (base) or pre-LN (`do_stable_layer_norm`)."""
+    """One transformer layer, post-LN (base) or pre-LN (`do_stable_layer_norm`).
+
+    In training, LayerDrop skips the whole layer with probability `layerdrop`.
+    """
 
     config: HubertConfig
     deterministic: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+        y = self._layer(x, mask)
+        if not self.deterministic and self.config.layerdrop > 0.0:
+            skip = jax.random.uniform(self.make_rng("dropout")) < self.config.layerdrop
+            y = jnp.where(skip, x, y)
+        return y
+
+    def _layer(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         cfg = self.config
         attention = Attention(cfg, self.deterministic, name="attention")
         feed_forward = FeedForward(cfg, self.deterministic, name="feed_forward")
@@ -583,17 +594,12 @@ class TransformerEncoder(nn.Module):
             x = layer_norm(x)
         x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        layer_cls = nn.remat(EncoderLayer) if cfg.remat else EncoderLayer
-        hidden_states = [x]
-        for i in range(cfg.num_hidden_layers):
-            y = layer_cls(cfg, deterministic, name=f"layers_{i}")(x, mask)
-            if not deterministic and cfg.layerdrop > 0.0:  # LayerDrop: skip the whole layer.
-                skip = jax.random.uniform(self.make_rng("dropout")) < cfg.layerdrop
-                y = jnp.where(skip, x, y)
-            x = y
-            hidden_states.append(x)
+        rates = (cfg.hidden_dropout, cfg.activation_dropout, cfg.attention_dropout, cfg.layerdrop)
+        hidden_states = run_layers(self, functools.partial(EncoderLayer, cfg, deterministic),
+                                   cfg.num_hidden_layers, x, mask, remat=cfg.remat,
+                                   dropout=not deterministic and max(rates) > 0.0)
         if cfg.do_stable_layer_norm:
-            hidden_states[-1] = layer_norm(x)
+            hidden_states[-1] = layer_norm(hidden_states[-1])
         return tuple(hidden_states)
 
 

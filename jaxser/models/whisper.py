@@ -24,6 +24,7 @@ Parameter tree (names follow HF so conversion is mechanical; freeze the stem wit
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -36,7 +37,7 @@ import numpy as np
 from jaxser.models.attention import IMPLEMENTATIONS, dot_product_attention
 from jaxser.models.layers import ACTIVATIONS as _ACTIVATIONS
 from jaxser.models.layers import DTYPES as _DTYPES
-from jaxser.models.layers import DenseGeneral, partitioned
+from jaxser.models.layers import DenseGeneral, gelu, partitioned, run_layers
 from jaxser.models.outputs import EncoderOutput
 
 _ATTENTION = IMPLEMENTATIONS
@@ -262,10 +263,10 @@ class WhisperEncoder(nn.Module):
         x = nn.with_logical_constraint(features.astype(mk.dtype), ("batch", "length", "num_mel"))
         if cfg.mask_attention:
             x = jnp.where(valid, x, 0)
-        x = jax.nn.gelu(mk.conv("num_mel", 1, "conv1")(x), approximate=False)
+        x = gelu(mk.conv("num_mel", 1, "conv1")(x))
         if cfg.mask_attention:
             x = jnp.where(valid, x, 0)
-        x = jax.nn.gelu(mk.conv("channels", 2, "conv2")(x), approximate=False)  # [B, T, E]
+        x = gelu(mk.conv("channels", 2, "conv2")(x))  # [B, T, E]
         mask = frame_mask[:, ::2]  # [B, T]
         positions = self.param(
                 "embed_positions", partitioned(_sinusoid_init, ("length", "embed")),
@@ -274,13 +275,10 @@ class WhisperEncoder(nn.Module):
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         key_mask = mask if cfg.mask_attention else None
-        layer_cls = (nn.remat(WhisperEncoderLayer, static_argnums=(3,)) if cfg.remat
-                     else WhisperEncoderLayer)
-        hidden = [x]
-        for i in range(cfg.encoder_layers):
-            x = layer_cls(cfg, name=f"layers_{i}")(x, key_mask, deterministic)
-            hidden.append(x)
-        hidden[-1] = mk.layer_norm("layer_norm")(x)
+        hidden = run_layers(self, functools.partial(WhisperEncoderLayer, cfg),
+                            cfg.encoder_layers, x, key_mask, deterministic, remat=cfg.remat,
+                            dropout=not deterministic and cfg.dropout + cfg.activation_dropout > 0)
+        hidden[-1] = mk.layer_norm("layer_norm")(hidden[-1])
         return EncoderOutput(hidden_states=tuple(hidden), mask=mask)
 
 
