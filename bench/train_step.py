@@ -33,16 +33,13 @@ What is compared
     .venv/bin/python bench/train_step.py --model whisper-base --batch 4 --seconds 30 --steps 3
     .venv/bin/python bench/train_step.py --model hubert-base --batch 4 --seconds 4
 
-`--max-batch-search` (slow, opt-in) finds the largest batch whose step fits in memory, for
-both frameworks with remat off and on, by doubling the batch in child processes and
-checking their peak resident memory against `--memory-gib`.
+The largest batch that fits in memory, remat off and on: bench/max_batch.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -77,12 +74,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="wait up to this many seconds for a 1-min load average below "
                         "--quiet-load before timing")
     p.add_argument("--quiet-load", type=float, default=2.5)
-    p.add_argument("--max-batch-search", action="store_true",
-                   help="search the largest batch that fits (slow; child processes)")
-    p.add_argument("--memory-gib", type=float, default=0.0,
-                   help="memory budget of --max-batch-search (default: 90%% of RAM)")
-    p.add_argument("--max-batch", type=int, default=256, help="search cap")
-    p.add_argument("--probe", choices=("jaxser", "torch"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -157,62 +148,6 @@ class TorchRunner:
         return time.perf_counter() - t0
 
 
-# ----------------------------------------------------------------------------- max batch
-
-
-def _probe(args) -> None:
-    """Child process: one warm-up and one timed step of one framework; prints peak RSS."""
-    enc_cfg = common.build_jaxser(args.model, args.dtype, args.remat)[1]
-    batch = common.random_batch(args.model, args.batch, args.seconds,
-                                getattr(enc_cfg, "num_mel_bins", 80))
-    if args.probe == "jaxser":
-        runner = JaxserRunner(args, batch, common.CompileCounter())
-    else:
-        runner = TorchRunner(args, batch, enc_cfg)
-    runner.step()
-    runner.step()
-    print(json.dumps({"peak_rss_gib": peak_rss_gib()}))
-
-
-def _fits(args, framework: str, batch: int, remat: bool, budget_gib: float) -> bool:
-    cmd = [sys.executable, __file__, "--probe", framework, "--model", args.model,
-           "--batch", str(batch), "--seconds", str(args.seconds), "--dtype", args.dtype,
-           "--attention", args.attention] + (["--remat"] if remat else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        return False
-    peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_gib"]
-    print(f"  {framework} remat={remat} batch {batch}: peak RSS {peak:.2f} GiB", flush=True)
-    return peak <= budget_gib
-
-
-def max_batch_search(args) -> dict:
-    """Largest fitting batch (powers of two, then bisection) per framework and remat."""
-    budget = args.memory_gib or 0.9 * os.sysconf("SC_PHYS_PAGES") * os.sysconf(
-            "SC_PAGE_SIZE") / 2**30
-    print(f"max batch search, budget {budget:.1f} GiB (peak RSS of a child process)")
-    out = {}
-    for framework in ("jaxser", "torch"):
-        for remat in (False, True):
-            good, bad = 0, None
-            b = 1
-            while b <= args.max_batch:
-                if _fits(args, framework, b, remat, budget):
-                    good, b = b, b * 2
-                else:
-                    bad = b
-                    break
-            while bad is not None and bad - good > 1:
-                mid = (good + bad) // 2
-                if _fits(args, framework, mid, remat, budget):
-                    good = mid
-                else:
-                    bad = mid
-            out[f"{framework}_remat" if remat else framework] = good
-            print(f"{framework} remat={remat}: largest batch {good}", flush=True)
-    return out
-
-
 # ----------------------------------------------------------------------------- isolate
 
 
@@ -228,8 +163,8 @@ def _child_result(argv: list[str], flag: str) -> dict:
 
 def isolated(argv: list[str]) -> dict:
     """jaxser, then PyTorch, each in a child process; one merged JSON line."""
-    result = _child_result(argv, "--no-torch")  # runs --max-batch-search, if asked
-    torch_result = _child_result([a for a in argv if a != "--max-batch-search"], "--no-jaxser")
+    result = _child_result(argv, "--no-torch")
+    torch_result = _child_result(argv, "--no-jaxser")
     for key in ("torch_step_s", "torch_step_min_max_s", "torch_step_times_s",
                 "torch_audio_s_per_s", "torch_page_faults_per_step",
                 "torch_system_cpu_s_per_step"):
@@ -248,9 +183,6 @@ def isolated(argv: list[str]) -> dict:
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    if args.probe:
-        _probe(args)
-        return {}
     if not (args.same_process or args.no_torch or args.no_jaxser):
         return isolated(argv)
     if args.wait_quiet:
@@ -350,10 +282,6 @@ def main(argv=None) -> dict:
     if jx is not None and tc is not None:
         result["final_loss"] = {"jaxser": round(jx.last_loss, 5), "torch": round(tc.last_loss, 5)}
     print(f"load average before/after: {loads[0]} / {loads[-1]}")
-    if args.max_batch_search:
-        result["max_batch"] = max_batch_search(args)
-    else:
-        result["max_batch"] = None
     print(json.dumps(result))
     return result
 
