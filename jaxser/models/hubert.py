@@ -49,7 +49,7 @@ import scipy.fft
 
 from jaxser.models.attention import IMPLEMENTATIONS, dot_product_attention
 from jaxser.models.layers import ACTIVATIONS as _ACTIVATIONS
-from jaxser.models.layers import DenseGeneral, partitioned, run_layers
+from jaxser.models.layers import DenseGeneral, LayerNorm, partitioned, run_layers
 from jaxser.models.outputs import EncoderOutput
 
 _FAMILIES = ("hubert", "wav2vec2")
@@ -274,13 +274,9 @@ def normalize_waveform(audio: jax.Array, lengths: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- layers
 
 
-def _layer_norm(cfg: HubertConfig, axis: str, eps: float, name: str) -> nn.LayerNorm:
+def _layer_norm(cfg: HubertConfig, axis: str, eps: float, name: str) -> LayerNorm:
     """A LayerNorm as torch computes it (two-pass variance), params named by `axis`."""
-    return nn.LayerNorm(
-            epsilon=eps, dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype),
-            use_fast_variance=False,
-            scale_init=partitioned(nn.initializers.ones, (axis,)),
-            bias_init=partitioned(nn.initializers.zeros, (axis,)), name=name)
+    return LayerNorm(eps, axis, cfg.compute_dtype, jnp.dtype(cfg.param_dtype), name=name)
 
 
 def _dense(cfg: HubertConfig, features, names, name: str, in_axes: int = 1) -> DenseGeneral:

@@ -123,3 +123,57 @@ def run_layers(parent: nn.Module, make_layer: Callable[..., nn.Module], n: int, 
 
     last, ys = jax.lax.scan(step, x, (stacked, keys))
     return [x, *(ys[i] for i in range(n - 1)), last]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+    x32 = x.astype(jnp.float32)
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
+    normed = centred * rstd
+    y = normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y, (normed.astype(x.dtype), rstd, scale)
+
+
+def _layer_norm_bwd(eps, residuals, dy):
+    del eps
+    normed, rstd, scale = residuals
+    dtype = normed.dtype
+    normed, dy = normed.astype(jnp.float32), dy.astype(jnp.float32)
+    sum_axes = tuple(range(dy.ndim - 1))
+    d_bias, d_scale = jnp.sum(dy, axis=sum_axes), jnp.sum(dy * normed, axis=sum_axes)
+    g = dy * scale.astype(jnp.float32)
+    dx = rstd * (g - jnp.mean(g, axis=-1, keepdims=True)
+                 - normed * jnp.mean(g * normed, axis=-1, keepdims=True))
+    return dx.astype(dtype), d_scale.astype(scale.dtype), d_bias.astype(scale.dtype)
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nn.Module):
+    """torch's LayerNorm over the last axis: two-pass variance, float32 statistics.
+
+    Its backward pass keeps the normalised input (in the input's dtype) and 1/std per
+    token; autodiff of flax's LayerNorm keeps four [tokens, features] arrays (centred input,
+    its square, the normalised and the scaled input: docs/benchmarks.md). Parameters
+    `scale` and `bias` as flax's, with logical axis `axis`.
+    """
+
+    epsilon: float = 1e-5
+    axis: str = "embed"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = (x.shape[-1],)
+        scale = self.param("scale", partitioned(nn.initializers.ones_init(), (self.axis,)),
+                           features, self.param_dtype)
+        bias = self.param("bias", partitioned(nn.initializers.zeros_init(), (self.axis,)),
+                          features, self.param_dtype)
+        return _layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)

@@ -37,7 +37,7 @@ import numpy as np
 from jaxser.models.attention import IMPLEMENTATIONS, dot_product_attention
 from jaxser.models.layers import ACTIVATIONS as _ACTIVATIONS
 from jaxser.models.layers import DTYPES as _DTYPES
-from jaxser.models.layers import DenseGeneral, gelu, partitioned, run_layers
+from jaxser.models.layers import DenseGeneral, LayerNorm, gelu, partitioned, run_layers
 from jaxser.models.outputs import EncoderOutput
 
 _ATTENTION = IMPLEMENTATIONS
@@ -165,11 +165,8 @@ class _Modules:
 
     def layer_norm(self, name):
         """LayerNorm with torch's eps; statistics in float32."""
-        return nn.LayerNorm(
-                epsilon=self.cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                name=name,
-                scale_init=partitioned(nn.initializers.ones_init(), ("embed",)),
-                bias_init=partitioned(nn.initializers.zeros_init(), ("embed",)))
+        return LayerNorm(self.cfg.layer_norm_eps, "embed", self.dtype, self.param_dtype,
+                         name=name)
 
     def conv(self, in_axis, stride, name):
         """Kernel-3, padding-1 conv over time (NWC), as Whisper's stem."""
