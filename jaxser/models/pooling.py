@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxser.models.attention import dot_product_attention
+from jaxser.models.layers import LayerNorm
 
 Dtype = Any
 
@@ -35,11 +36,6 @@ def _dense_init(axes: tuple[str, ...]):
 def _zeros_init(axes: tuple[str, ...]):
     """Zero initializer (biases) carrying logical axis names."""
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
-
-
-def _ones_init(axes: tuple[str, ...]):
-    """One initializer (norm scales) carrying logical axis names."""
-    return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
 
 
 def _check_frames(x: jax.Array, mask: jax.Array) -> None:
@@ -188,9 +184,7 @@ class FrameAttentionPooling(nn.Module):
         att = dot_product_attention(q, k, v, mask, self.attention_impl)
         att = self._merge(features, "self_out")(att)  # [B, T, D]
         att = nn.Dropout(self.dropout_rate)(att, deterministic=deterministic)
-        h = nn.LayerNorm(
-                dtype=self.dtype, scale_init=_ones_init(("embed",)),
-                bias_init=_zeros_init(("embed",)), name="self_norm")(x + att)
+        h = LayerNorm(1e-6, "embed", self.dtype, name="self_norm")(x + att)
         h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
         # Stage 2: attention pooling with a learned query per head.
         query = self.param(
