@@ -102,14 +102,14 @@ class JaxserRunner:
         """Model FLOPs per step from XLA's cost analysis of the compiled step.
 
         XLA counts the body of a loop once, whatever its trip count, so the blockwise
-        attention (a scan over batch x heads) would be undercounted: the FLOPs are taken
-        from the same step with einsum attention (the model's FLOPs, without the
-        blockwise backward's recomputation). One extra compilation, after the timing.
+        attention (a scan over batch x heads) and remat (a scan over the layers) would be
+        undercounted: the FLOPs are taken from the same step with einsum attention and no
+        remat (the model's FLOPs, without recomputation, as MFU counts them). One extra
+        compilation, after the timing.
         """
         step_fn = self.step_fn
-        if self.args.attention != "einsum":
-            model, _ = common.build_jaxser(self.args.model, self.args.dtype, self.args.remat,
-                                           "einsum")
+        if self.args.attention != "einsum" or self.args.remat:
+            model, _ = common.build_jaxser(self.args.model, self.args.dtype, False, "einsum")
             _, make_step = common.make_jaxser_step(model, common.jaxser_optimizer())
             step_fn = make_step(self.tx)
         compiled = step_fn.lower(self.state, self.batch).compile()

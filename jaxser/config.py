@@ -56,7 +56,7 @@ def base_config() -> ConfigDict:
     c.model.dropout = 0.0  # Dropout before the emotion head.
     c.model.dtype = "float32"  # Compute dtype: float32 | bfloat16 (parameters stay float32).
     # Rematerialise each encoder layer in the backward pass: keeps only the layer inputs
-    # (a scan over the layers; costs ~20% step time and two copies of the layer weights).
+    # (a scan over the layers; costs 20-30% step time and two copies of the layer weights).
     c.model.remat = False
     c.model.attention = "auto"  # auto (by backend) | einsum | blockwise | xla | cudnn.
     c.model.domain_head = False  # Domain-adversarial head on the corpus id (gradient reversal).

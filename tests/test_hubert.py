@@ -427,3 +427,25 @@ def test_masked_instance_norm_gradient_matches_autodiff():
     grads = [jax.grad(lambda x, f=f: jnp.sum(jnp.tanh(f(x, w)) * target))(x)
              for f in (_masked_instance_norm, reference)]
     np.testing.assert_allclose(grads[0], grads[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_layerdrop_in_training_mode_with_and_without_remat(remat):
+    config = _small_config(num_hidden_layers=2, remat=remat, layerdrop=1.0)
+    audio, mask = _batch(seed=4)
+    audio, mask = audio[:, :2400], mask[:, :2400]
+    params = _init(config, 2)
+
+    def run(p, key):
+        out = HubertEncoder(config).apply({"params": p}, audio, mask, deterministic=False,
+                                          rngs={"dropout": key})
+        return jnp.mean(out.hidden_states[-1] ** 2), out.hidden_states
+
+    (_, hidden), grads = jax.jit(jax.value_and_grad(run, has_aux=True))(params, jax.random.key(0))
+    for h in hidden[1:]:  # LayerDrop 1.0: every layer is skipped
+        np.testing.assert_array_equal(h, hidden[0])
+    assert not np.any(grads["encoder"]["layers_0"]["feed_forward"]["output_dense"]["kernel"])
+
+    config = dataclasses.replace(config, layerdrop=0.0)  # only dropout: layers run
+    (_, hidden), _ = jax.value_and_grad(run, has_aux=True)(params, jax.random.key(0))
+    assert not np.allclose(hidden[2], hidden[1])

@@ -61,9 +61,9 @@ def test_layer_norm_matches_flax_and_torch_values_and_gradients():
     p = params["params"]
     t = torch.nn.LayerNorm(48)
     with torch.no_grad():
-        t.weight.copy_(torch.from_numpy(np.asarray(p["scale"])))
-        t.bias.copy_(torch.from_numpy(np.asarray(p["bias"])))
-    np.testing.assert_allclose(ours.apply(params, x), t(torch.from_numpy(np.asarray(x))).detach(),
+        t.weight.copy_(torch.from_numpy(np.array(p["scale"])))
+        t.bias.copy_(torch.from_numpy(np.array(p["bias"])))
+    np.testing.assert_allclose(ours.apply(params, x), t(torch.from_numpy(np.array(x))).detach(),
                                atol=1e-5)
     w = jax.random.normal(jax.random.key(3), x.shape)
 

@@ -1,5 +1,6 @@
 """What the encoders share: dtype names, transformers' activation names, a sharding-safe
-DenseGeneral."""
+DenseGeneral, the layer stack (with remat that works on XLA:CPU too), and a GELU and a
+LayerNorm whose backward passes keep less memory than autodiff of their formulas."""
 
 from __future__ import annotations
 
@@ -159,9 +160,9 @@ class LayerNorm(nn.Module):
     """torch's LayerNorm over the last axis: two-pass variance, float32 statistics.
 
     Its backward pass keeps the normalised input (in the input's dtype) and 1/std per
-    token; autodiff of flax's LayerNorm keeps four [tokens, features] arrays (centred input,
-    its square, the normalised and the scaled input: docs/benchmarks.md). Parameters
-    `scale` and `bias` as flax's, with logical axis `axis`.
+    token; autodiff of flax's LayerNorm keeps three [tokens, features] arrays (the centred
+    input, its square and the normalised input: docs/benchmarks.md). Parameters `scale` and
+    `bias` as flax's, with logical axis `axis`.
     """
 
     epsilon: float = 1e-5
