@@ -317,16 +317,8 @@ class JaxserChild:
                                 name="bench-jaxser")
         # jaxser as `jaxser train` runs it: with huge-page malloc (jaxser.hugepages); the
         # PyTorch side (this process) keeps the default malloc, which suits it better.
-        saved = os.environ.get("GLIBC_TUNABLES")
-        if hugepages.wanted():
-            os.environ["GLIBC_TUNABLES"] = hugepages.TUNABLE
-        try:
+        with hugepages.for_children():
             self.proc.start()
-        finally:
-            if saved is None:
-                os.environ.pop("GLIBC_TUNABLES", None)
-            else:
-                os.environ["GLIBC_TUNABLES"] = saved
         self.setup = self._receive()
 
     def _receive(self) -> dict:

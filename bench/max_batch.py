@@ -22,6 +22,7 @@ Prints every probe (batch, peak RSS, seconds per step) and ends with one JSON li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -32,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common  # noqa: E402
+from jaxser import hugepages  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,9 +56,7 @@ def probe(args) -> None:
     """Child process: a warm-up and one more train step; prints peak RSS and step time."""
     from bench import train_step
 
-    enc_cfg = common.build_jaxser(args.model, args.dtype, args.remat, args.attention)[1]
-    batch = common.random_batch(args.model, args.batch, args.seconds,
-                                getattr(enc_cfg, "num_mel_bins", 80))
+    batch, enc_cfg = train_step.make_batch(args)
     if args.probe == "jaxser":
         runner = train_step.JaxserRunner(args, batch, common.CompileCounter())
     else:
@@ -71,14 +71,9 @@ def run_probe(args, framework: str, batch: int, remat: bool) -> dict:
     cmd = [sys.executable, __file__, "--probe", framework, "--batch", str(batch),
            "--model", args.model, "--seconds", str(args.seconds), "--dtype", args.dtype,
            "--attention", args.attention] + (["--remat"] if remat else [])
-    env = dict(os.environ)
-    if framework == "jaxser":
-        from jaxser import hugepages
-
-        if hugepages.wanted():
-            env["GLIBC_TUNABLES"] = hugepages.TUNABLE
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    with hugepages.for_children() if framework == "jaxser" else contextlib.nullcontext():
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     out = {"framework": framework, "remat": remat, "batch": batch, "peak_rss_gib": None,
            "step_s": None, "wall_s": round(time.perf_counter() - t0, 1)}
     if proc.returncode == 0:
@@ -112,9 +107,10 @@ def search(args, framework: str, remat: bool, budget: float,
     while bad - good > 1:
         result = run_probe(args, framework, batch, remat)
         probes.append(result)
-        if result["peak_rss_gib"] is not None:
-            points[batch] = result["peak_rss_gib"]
-        if result["peak_rss_gib"] is not None and result["peak_rss_gib"] <= budget:
+        peak = result["peak_rss_gib"]
+        if peak is not None:
+            points[batch] = peak
+        if peak is not None and peak <= budget:
             good = batch
         else:
             bad = batch

@@ -45,6 +45,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -82,6 +83,14 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def make_batch(args) -> tuple[common.Batch, Any]:
+    """The random batch of `--batch` x `--seconds` for `--model`, and the encoder config."""
+    enc_cfg = common.build_jaxser(args.model, args.dtype, args.remat, args.attention)[1]
+    batch = common.random_batch(args.model, args.batch, args.seconds,
+                                getattr(enc_cfg, "num_mel_bins", 80))
+    return batch, enc_cfg
+
+
 # ----------------------------------------------------------------------------- jaxser
 
 
@@ -98,22 +107,23 @@ class JaxserRunner:
         self.step_fn = make_step(tx)
         self.tx, self.args, self.counter = tx, args, counter
 
-    def flops(self) -> float | None:
-        """Model FLOPs per step from XLA's cost analysis of the compiled step.
+    def analyse(self) -> tuple[float | None, float]:
+        """Model FLOPs per step (XLA's cost analysis) and the step's temporaries in GiB
+        (XLA's memory analysis), from compiling the step again after the timing.
 
         XLA counts the body of a loop once, whatever its trip count, so the blockwise
         attention (a scan over batch x heads) and remat (a scan over the layers) would be
-        undercounted: the FLOPs are taken from the same step with einsum attention and no
-        remat (the model's FLOPs, without recomputation, as MFU counts them). One extra
-        compilation, after the timing.
+        undercounted: the FLOPs are then taken from the same step with einsum attention and
+        no remat (the model's FLOPs, without recomputation, as MFU counts them), one more
+        compilation.
         """
-        step_fn = self.step_fn
+        compiled = self.step_fn.lower(self.state, self.batch).compile()
+        temp_gib = compiled.memory_analysis().temp_size_in_bytes / 2**30
         if self.args.attention != "einsum" or self.args.remat:
             model, _ = common.build_jaxser(self.args.model, self.args.dtype, False, "einsum")
             _, make_step = common.make_jaxser_step(model, common.jaxser_optimizer())
-            step_fn = make_step(self.tx)
-        compiled = step_fn.lower(self.state, self.batch).compile()
-        return common.cost_flops(compiled)
+            compiled = make_step(self.tx).lower(self.state, self.batch).compile()
+        return common.cost_flops(compiled), temp_gib
 
     def step(self) -> float:
         t0 = time.perf_counter()
@@ -191,9 +201,7 @@ def main(argv=None) -> dict:
     info = common.machine()
     print(f"machine: {info}", flush=True)
     counter = common.CompileCounter()
-    enc_cfg = common.build_jaxser(args.model, args.dtype, args.remat, args.attention)[1]
-    num_mel = getattr(enc_cfg, "num_mel_bins", 80)
-    batch = common.random_batch(args.model, args.batch, args.seconds, num_mel)
+    batch, enc_cfg = make_batch(args)
     shape = f"{args.batch} x {args.seconds:g} s"
     if batch.frames is not None:
         shape += f" ({batch.frames} log-mel frames)"
@@ -201,7 +209,7 @@ def main(argv=None) -> dict:
 
     jx = tc = None
     compiles = compiles_after_warmup = None
-    flops = None
+    flops = temp_gib = None
     if not args.no_jaxser:
         t0 = time.perf_counter()
         jx = JaxserRunner(args, batch, counter)
@@ -238,7 +246,7 @@ def main(argv=None) -> dict:
             loads.append(common.load_average())
     if jx is not None:
         compiles_after_warmup = counter.count
-        flops = jx.flops()
+        flops, temp_gib = jx.analyse()
         if compiles_after_warmup:
             raise AssertionError(f"jaxser's step recompiled {compiles_after_warmup} times "
                                  "after warm-up")
@@ -276,6 +284,9 @@ def main(argv=None) -> dict:
     if flops and result["jaxser_step_s"]:
         print(f"jaxser step: {flops / 1e9:.1f} GFLOP (XLA cost analysis), "
               f"{flops / result['jaxser_step_s'] / 1e9:.1f} GFLOP/s, MFU {result['mfu']}")
+    result["jaxser_xla_temp_gib"] = None if temp_gib is None else round(temp_gib, 3)
+    if temp_gib is not None:
+        print(f"jaxser step: {temp_gib:.3f} GiB of temporaries (XLA memory analysis)")
     result["compiles"] = compiles
     result["compiles_after_warmup"] = compiles_after_warmup
     result["load_average"] = [loads[0], loads[-1]]

@@ -11,10 +11,11 @@ process starts, so the program re-executes itself once with the tunable set; a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 
@@ -44,3 +45,18 @@ def reexec(argv: Sequence[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, *argv])
+
+
+@contextlib.contextmanager
+def for_children() -> Iterator[None]:
+    """Processes started inside this block get the tunable (when `wanted()`); this process
+    keeps its own malloc (tunables are read at start). For benchmarks that run jaxser in a
+    child process next to PyTorch in this one."""
+    if not wanted():
+        yield
+        return
+    os.environ["GLIBC_TUNABLES"] = TUNABLE
+    try:
+        yield
+    finally:
+        del os.environ["GLIBC_TUNABLES"]

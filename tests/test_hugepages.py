@@ -40,3 +40,14 @@ def test_main_with_argv_does_not_reexec(monkeypatch):
     monkeypatch.setattr(os, "execv", lambda *a: pytest.fail("re-executed"))
     with pytest.raises(SystemExit):
         cli.main(["--help"])
+
+
+def test_for_children_sets_the_tunable_for_children_only(monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setattr(hugepages, "wanted", lambda: True)
+    with hugepages.for_children():
+        assert _run(PRINT_TUNABLES, dict(os.environ)) == hugepages.TUNABLE
+    assert "GLIBC_TUNABLES" not in os.environ
+    monkeypatch.setattr(hugepages, "wanted", lambda: False)  # e.g. the user set their own
+    with hugepages.for_children():
+        assert "GLIBC_TUNABLES" not in os.environ
