@@ -2,18 +2,31 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
 WORKDIR ?= runs/demo
+# Accelerator build of jax: cpu (requirements.txt alone), cuda (CUDA 12 plugin and runtime
+# wheels, requirements-cuda.txt) or cuda13 (requirements-cuda13.txt). On a GPU node:
+#   make install ACCEL=cuda
+ACCEL ?= cpu
+ifeq ($(ACCEL),cpu)
+ACCEL_REQS :=
+STAMP := $(VENV)/.installed
+else
+ACCEL_REQS := requirements-$(ACCEL).txt
+STAMP := $(VENV)/.installed-$(ACCEL)
+ifeq ($(wildcard $(ACCEL_REQS)),)
+$(error ACCEL=$(ACCEL): no $(ACCEL_REQS); use ACCEL=cpu, cuda or cuda13)
+endif
+endif
 
 .PHONY: install demo test test-slow lint clean
 
 install: $(STAMP)
 
 # Re-installs only when the pins or the package metadata change.
-$(STAMP): requirements.txt requirements-test.txt setup.cfg pyproject.toml
+$(STAMP): requirements.txt requirements-test.txt $(ACCEL_REQS) setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements.txt -r requirements-test.txt
+	$(BIN)/python -m pip install -q -r requirements.txt -r requirements-test.txt$(if $(ACCEL_REQS), -r $(ACCEL_REQS))
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 

@@ -14,13 +14,18 @@ import argparse
 import dataclasses
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jaxser.audio import augment as aug
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench import common  # noqa: E402
+from jaxser.audio import augment as aug  # noqa: E402
 
 
 def _time(fn, args, runs: int) -> float:
@@ -77,7 +82,10 @@ def main(argv: list[str] | None = None) -> dict:
                 (audio, lengths))
 
     audio_s = b * args.seconds
-    result = {"backend": jax.default_backend(), "batch": b, "seconds": args.seconds,
+    info = common.machine(with_torch=False)
+    print(f"machine: {info['summary']}", flush=True)
+    result = {"backend": jax.default_backend(), "machine": info, "batch": b,
+              "seconds": args.seconds,
               "speed_method": args.speed_method, "ms": {}, "ms_per_audio_s": {}}
     for name, (fn, fn_args) in cases.items():
         ms = _time(fn, fn_args, args.runs)

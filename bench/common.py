@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SAMPLE_RATE = 16000
+from jaxser.constants import SAMPLE_RATE
+
 HOP = 160  # Whisper log-mel hop: 100 frames per second
 NUM_CLASSES = 8
 LR = 1e-4
@@ -57,33 +58,145 @@ def load_average() -> tuple[float, float, float]:
     return tuple(round(x, 2) for x in os.getloadavg())
 
 
-def cpu_model() -> str:
-    """`lscpu`'s model name (falls back to platform.processor())."""
+# ISA extensions that decide which kernels XLA:CPU (Eigen, oneDNN, YNNPACK) and PyTorch
+# (oneDNN, MKL) can use, as /proc/cpuinfo spells them.
+_ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512dq",
+              "avx512cd", "avx512bw", "avx512vl", "avx512ifma", "avx512vbmi", "avx512_vbmi2",
+              "avx512_vnni", "avx512_bitalg", "avx512_vpopcntdq", "avx512_bf16",
+              "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16")
+
+
+def _microarchitecture(vendor: str, family: int | None, model: int | None) -> str | None:
+    """A best-effort core name from the CPUID family/model (None when not in this table).
+
+    Hypervisors often hide the marketing name ("AMD EPYC" only); family/model still tell
+    the generation, which decides the vector units (e.g. Zen 4 runs 512-bit AVX-512 as two
+    256-bit halves, Zen 5 and Intel Xeons natively; only Intel Xeons since Sapphire Rapids
+    have AMX).
+    """
+    if family is None or model is None:
+        return None
+    if vendor == "AuthenticAMD":
+        if family == 0x17:
+            return "Zen 2" if model >= 0x30 else "Zen / Zen+"
+        if family == 0x19:
+            return "Zen 4" if 0x10 <= model <= 0x1F or 0x60 <= model <= 0xAF else "Zen 3"
+        if family == 0x1A:
+            return "Zen 5"
+    if vendor == "GenuineIntel" and family == 6:
+        return {0x55: "Skylake-SP / Cascade Lake", 0x6A: "Ice Lake-SP", 0x6C: "Ice Lake-D",
+                0x8F: "Sapphire Rapids", 0xCF: "Emerald Rapids", 0xAD: "Granite Rapids",
+                0xAF: "Sierra Forest"}.get(model)
+    return None
+
+
+def cpu_info(cpuinfo: str = "/proc/cpuinfo") -> dict[str, Any]:
+    """The CPU the figures come from: vendor, model name, family/model, ISA extensions.
+
+    Read from `cpuinfo` (first processor), else `lscpu`, else `platform`. `isa`:
+    `avx2` (bool), `avx512` and `amx` (the variants present, /proc/cpuinfo spelling), and
+    `flags` (every extension of `_ISA_FLAGS` present). On a machine where nothing can be
+    read the fields are None / empty rather than guessed.
+    """
+    fields: dict[str, str] = {}
     try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
+        with open(cpuinfo) as f:
+            for line in f:
+                if not line.strip():
+                    if fields:
+                        break  # first processor only
+                    continue
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    if not fields.get("model name"):
+        try:
+            out = subprocess.run(["lscpu"], capture_output=True, text=True,
+                                 check=False).stdout
+            for line in out.splitlines():
+                key, _, value = line.partition(":")
+                key = {"Vendor ID": "vendor_id", "Model name": "model name",
+                       "CPU family": "cpu family", "Model": "model", "Flags": "flags"}.get(
+                        key.strip())
+                if key:
+                    fields.setdefault(key, value.strip())
+        except OSError:
+            pass
+
+    def number(key: str) -> int | None:
+        try:
+            return int(fields[key])
+        except (KeyError, ValueError):
+            return None
+
+    vendor = fields.get("vendor_id") or None
+    flags = set(fields.get("flags", "").split())
+    present = [f for f in _ISA_FLAGS if f in flags]
+    family, model = number("cpu family"), number("model")
+    return {
+            "cpu_vendor": vendor,
+            "cpu_model_name": fields.get("model name") or platform.processor() or None,
+            "cpu_family": family,
+            "cpu_model": model,
+            "microarchitecture": _microarchitecture(vendor or "", family, model),
+            "hypervisor": "hypervisor" in flags,
+            "isa": {"avx2": "avx2" in flags,
+                    "avx512": [f for f in present if f.startswith("avx512")],
+                    "amx": [f for f in present if f.startswith("amx")],
+                    "flags": present},
+    }
 
 
-def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
-    import torch
+def cpu_model() -> str:
+    """`lscpu`'s model name (kept for the one-line device strings)."""
+    return cpu_info()["cpu_model_name"] or "unknown"
+
+
+def describe_cpu(info: dict[str, Any] | None = None) -> str:
+    """One line naming the machine, e.g. 'AuthenticAMD AMD EPYC (family 25 model 17, Zen 4),
+    2 cores, AVX2, AVX-512 (f, dq, ...), no AMX'."""
+    info = info or {**cpu_info(), "cores": len(os.sched_getaffinity(0))}
+    isa = info["isa"]
+    avx512 = (f"AVX-512 ({', '.join(f.removeprefix('avx512').lstrip('_') for f in isa['avx512'])})"
+              if isa["avx512"] else "no AVX-512")
+    amx = f"AMX ({', '.join(f.removeprefix('amx_') for f in isa['amx'])})" if isa["amx"] \
+        else "no AMX"
+    arch = f", {info['microarchitecture']}" if info.get("microarchitecture") else ""
+    return (f"{info['cpu_vendor']} {info['cpu_model_name']} (family {info['cpu_family']} "
+            f"model {info['cpu_model']}{arch}), {info['cores']} cores, "
+            f"{'AVX2' if isa['avx2'] else 'no AVX2'}, {avx512}, {amx}")
+
+
+def machine(with_torch: bool = True) -> dict[str, Any]:
+    """What the figures were measured on: the CPU (`cpu_info`), cores, framework versions,
+    load. Every benchmark puts this dict in its final JSON line (`machine`).
+    `with_torch=False`: torch's version from its metadata, without importing it."""
+    import importlib.metadata
 
     dev = jax.devices()[0]
-    return {
-            "cpu": cpu_model(),
+    info = cpu_info()
+    out = {
+            "cpu": info["cpu_model_name"] or "unknown",
+            **info,
             "cores": len(os.sched_getaffinity(0)),
             "jax_device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
             "jax": jax.__version__,
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
             "load_average": load_average(),
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),  # jaxser.hugepages
     }
+    if with_torch:
+        import torch
+
+        out["torch"], out["torch_threads"] = torch.__version__, torch.get_num_threads()
+    else:
+        try:
+            out["torch"] = importlib.metadata.version("torch")
+        except importlib.metadata.PackageNotFoundError:
+            out["torch"] = None
+        out["torch_threads"] = None
+    out["summary"] = describe_cpu(out)
+    return out
 
 
 def wait_for_quiet(max_wait_s: float, threshold: float, poll_s: float = 15.0) -> tuple:
@@ -159,17 +272,44 @@ def cost_flops(compiled) -> float | None:
 # ----------------------------------------------------------------------------- models
 
 
+# Preset name prefix -> model.encoder.
+_PRESET_FAMILIES = {"whisper": "whisper", "hubert": "hubert", "wav2vec2": "wav2vec2",
+                    "wavlm": "wavlm", "data2vec-audio": "data2vec_audio"}
+
+
 def family_of(model: str) -> str:
-    """'whisper', 'hubert' or 'wav2vec2' from a preset name such as 'whisper-base'."""
-    for family in ("whisper", "hubert", "wav2vec2"):
-        if model.startswith(family):
+    """model.encoder ('whisper', 'hubert', 'wav2vec2', 'wavlm', 'data2vec_audio') from a
+    preset name such as 'whisper-base' or 'wavlm-large'."""
+    for prefix, family in _PRESET_FAMILIES.items():
+        if model.startswith(prefix):
             return family
-    raise ValueError(f"model {model!r} is not a whisper-*, hubert-* or wav2vec2-* preset")
+    raise ValueError(f"model {model!r} is not a preset of "
+                     f"{', '.join(p + '-*' for p in _PRESET_FAMILIES)}")
+
+
+def parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
+    """`KEY=VALUE` strings (`--override`) as encoder config overrides; values are Python
+    literals when they parse as one (`encoder_layers=2`, `conv_dim=(32,32)`), else strings."""
+    import ast
+
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not KEY=VALUE")
+        try:
+            out[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value
+    return out
 
 
 def jaxser_model_config(model: str, dtype: str = "float32", remat: bool = False,
-                        attention: str = "auto"):
-    """config.model for a preset, as `jaxser train` would build it (dropouts off)."""
+                        attention: str = "auto", overrides: dict[str, Any] | None = None):
+    """config.model for a preset, as `jaxser train` would build it (dropouts off).
+
+    `overrides`: encoder fields on top of the preset (HF names, e.g. `encoder_layers`), the
+    same for the PyTorch twin, which is built from the resulting config (`to_hf()`)."""
     from jaxser.config import base_config
 
     family = family_of(model)
@@ -181,36 +321,40 @@ def jaxser_model_config(model: str, dtype: str = "float32", remat: bool = False,
     cfg.attention = attention
     cfg.pooling = "mean"
     if family != "whisper":
-        # ser_model.encoder_config expects dict presets, HUBERT_SIZES holds HubertConfig
+        # ser_model.encoder_config expects dict presets, WAV2VEC2_SIZES holds Wav2Vec2Config
         # objects: pass the preset's fields as overrides instead of `size`.
-        from jaxser.models import hubert
+        from jaxser.models import wav2vec2_config
 
-        preset = dataclasses.asdict(hubert.HUBERT_SIZES[model])
+        preset = dataclasses.asdict(wav2vec2_config.WAV2VEC2_SIZES[model])
         cfg.size = ""
         for key, value in preset.items():
             if key not in ("dtype", "param_dtype", "remat", "attention"):
                 cfg.encoder_overrides[key] = value
         for key, value in _HUBERT_NO_DROPOUT.items():
             cfg.encoder_overrides[key] = value
+    for key, value in (overrides or {}).items():
+        cfg.encoder_overrides[key] = value
     return cfg
 
 
 def build_jaxser(model: str, dtype: str = "float32", remat: bool = False,
-                 attention: str = "auto"):
-    """(SERModel, encoder config) of the trainer for a preset."""
+                 attention: str = "auto", overrides: dict[str, Any] | None = None):
+    """(SERModel, encoder config) of the trainer for a preset (plus encoder `overrides`)."""
     from jaxser.models import ser_model
 
-    return ser_model.build_model(jaxser_model_config(model, dtype, remat, attention),
-                                 NUM_CLASSES, 1)
+    return ser_model.build_model(
+            jaxser_model_config(model, dtype, remat, attention, overrides), NUM_CLASSES, 1)
 
 
-def jaxser_optimizer(total_steps: int = 1000):
-    """jaxser's own optimizer from the config (AdamW, constant rate)."""
+def jaxser_optimizer(total_steps: int = 1000, freeze: Sequence[str] = ()):
+    """jaxser's own optimizer from the config (AdamW, constant rate); `freeze`: the
+    `optim.freeze` patterns (those parameters get no updates)."""
     from jaxser.config import base_config
     from jaxser.train import optimizer
 
     optim = base_config().optim
     optim.name, optim.lr, optim.weight_decay = "adamw", LR, WEIGHT_DECAY
+    optim.freeze = tuple(freeze)
 
     def make(params):
         return optimizer.make_optimizer(optim, total_steps, total_steps, params)[0]
@@ -218,7 +362,8 @@ def jaxser_optimizer(total_steps: int = 1000):
     return make
 
 
-def make_jaxser_step(model, make_tx: Callable) -> tuple[Callable, Callable]:
+def make_jaxser_step(model, make_tx: Callable,
+                     freeze: Sequence[str] = ()) -> tuple[Callable, Callable]:
     """(init(key, inputs, mask) -> state, jitted step(state, batch) -> (state, loss)).
 
     The step: model forward (encoder, masked mean pool, linear head), KL loss, backward,
@@ -228,7 +373,7 @@ def make_jaxser_step(model, make_tx: Callable) -> tuple[Callable, Callable]:
     import flax.linen as nn
     import optax
 
-    from jaxser.train import losses
+    from jaxser.train import losses, optimizer
 
     def init(key, inputs, mask):
         params = nn.meta.unbox(model.init({"params": key, "dropout": key}, inputs, mask)
@@ -237,6 +382,9 @@ def make_jaxser_step(model, make_tx: Callable) -> tuple[Callable, Callable]:
         return {"params": params, "opt_state": tx.init(params)}, tx
 
     def loss_fn(params, batch):
+        # Frozen parameters enter through stop_gradient, as in jaxser's train step: no
+        # backward pass for them.
+        params = optimizer.stop_frozen(params, optimizer.frozen_mask(params, tuple(freeze)))
         out = model.apply({"params": params}, batch["inputs"], batch["mask"],
                           deterministic=True)
         log_probs = jax.nn.log_softmax(out["logits"].astype(jnp.float32), -1)
@@ -259,8 +407,9 @@ def torch_encoder(model: str, enc_cfg, frames: int | None = None):
 
     Whisper: `WhisperEncoder` with `max_source_positions = frames // 2` (HF only accepts
     exactly `2 * max_source_positions` input frames; the size of the position table does
-    not change the compute). HuBERT / wav2vec2: `HubertModel` / `Wav2Vec2Model` from the
-    jaxser config's `to_hf()` (dropouts, LayerDrop and time masking off).
+    not change the compute). HuBERT / wav2vec2 / WavLM / data2vec-audio: `HubertModel` /
+    `Wav2Vec2Model` / `WavLMModel` / `Data2VecAudioModel` from the jaxser config's `to_hf()`
+    (dropouts, LayerDrop and time masking off; WavLM has no sdpa: its own attention).
     """
     import transformers
     from transformers.models.whisper import modeling_whisper
@@ -273,9 +422,14 @@ def torch_encoder(model: str, enc_cfg, frames: int | None = None):
         config = transformers.WhisperConfig(**hf, attn_implementation="sdpa")
         return modeling_whisper.WhisperEncoder(config)
     hf = dict(enc_cfg.to_hf(), **_HUBERT_NO_DROPOUT, mask_time_prob=0.0, mask_feature_prob=0.0)
-    cls = transformers.HubertConfig if family == "hubert" else transformers.Wav2Vec2Config
-    config = cls(**hf, attn_implementation="sdpa")
-    model_cls = transformers.HubertModel if family == "hubert" else transformers.Wav2Vec2Model
+    hf.pop("model_type", None)
+    cls, model_cls = {
+            "hubert": (transformers.HubertConfig, transformers.HubertModel),
+            "wav2vec2": (transformers.Wav2Vec2Config, transformers.Wav2Vec2Model),
+            "wavlm": (transformers.WavLMConfig, transformers.WavLMModel),
+            "data2vec_audio": (transformers.Data2VecAudioConfig, transformers.Data2VecAudioModel),
+    }[family]
+    config = cls(**hf, attn_implementation="eager" if family == "wavlm" else "sdpa")
     return model_cls(config)
 
 

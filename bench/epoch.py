@@ -102,9 +102,9 @@ def synthetic_corpus(work_dir: Path, utterances: int, seed: int) -> Path:
 
 
 def split_lengths(data_dir: Path, split: str) -> np.ndarray:
-    from jaxser.data import shards
+    from jaxser.data import records
 
-    return np.asarray(shards.load_index(data_dir, split).length, np.int64)
+    return np.asarray(records.load_index(data_dir, split).length, np.int64)
 
 
 # ----------------------------------------------------------------------------- jaxser
@@ -173,9 +173,9 @@ class ShardDataset:
     """
 
     def __init__(self, data_dir: Path, split: str):
-        from jaxser.data import shards
+        from jaxser.data import records
 
-        index = shards.load_index(data_dir, split)
+        index = records.load_index(data_dir, split)
         self.paths = [os.path.join(data_dir, f) for f in index.files]
         self.shard, self.offset = np.asarray(index.shard), np.asarray(index.offset)
         self.nbytes = np.asarray(index.nbytes)
@@ -351,7 +351,7 @@ def main(argv=None) -> dict:
         print(f"waiting up to {args.wait_quiet:.0f} s for load < {args.quiet_load}: "
               f"{common.wait_for_quiet(args.wait_quiet, args.quiet_load)}", flush=True)
     machine = common.machine()
-    print(f"machine: {machine}", flush=True)
+    print(f"machine: {machine['summary']}; {machine}", flush=True)
     seconds = lengths / common.SAMPLE_RATE
     print(f"corpus {data_dir} split {args.split}: {lengths.size} utterances, "
           f"{seconds.sum():.0f} s of audio (mean {seconds.mean():.2f} s, "
@@ -393,7 +393,8 @@ def main(argv=None) -> dict:
     result: dict = {"model": args.model, "utterances": int(lengths.size),
                     "audio_seconds": round(float(seconds.sum()), 1), "batch": args.batch,
                     "device": f"{machine['jax_device']} ({machine['cpu']}, "
-                              f"{machine['cores']} cores)", "load_average_end":
+                              f"{machine['cores']} cores)", "machine": machine,
+                    "load_average_end":
                     common.load_average()}
     for name in ("jaxser", "torch"):
         r = runs[name]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 
@@ -23,9 +24,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from jaxser.constants import SAMPLE_RATE  # noqa: E402
 from jaxser.data import pipeline, shards  # noqa: E402
 
-SAMPLE_RATE = 16000
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import common  # noqa: E402  (the machine in the JSON: issue 25)
+
 NUM_CLASSES = 8
 
 
@@ -108,7 +112,7 @@ def main() -> None:
                                            _baseline(data_dir, args.batch, args.epochs),
                                            strict=False)), warmup)
         print("pad-to-longest:", base)
-    print(json.dumps({**ours, "baseline": base}))
+    print(json.dumps({**ours, "baseline": base, "machine": common.machine(with_torch=False)}))
 
 
 if __name__ == "__main__":

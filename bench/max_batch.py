@@ -131,7 +131,8 @@ def main(argv=None) -> dict:
     budget = args.memory_gib or 0.9 * os.sysconf("SC_PHYS_PAGES") * os.sysconf(
             "SC_PAGE_SIZE") / 2**30
     info = common.machine()
-    print(f"machine: {info}\n{args.model} {args.dtype}, {args.seconds:g} s utterances, "
+    print(f"machine: {info['summary']}; {info}", flush=True)
+    print(f"{args.model} {args.dtype}, {args.seconds:g} s utterances, "
           f"budget {budget:.1f} GiB peak RSS", flush=True)
     probes: list[dict] = []
     max_batch: dict[str, dict[str, int]] = {}
@@ -148,7 +149,8 @@ def main(argv=None) -> dict:
     result = {"model": args.model, "seconds": args.seconds, "dtype": args.dtype,
               "memory_gib": round(budget, 2),
               "device": f"{info['jax_device']} ({info['cpu']}, {info['cores']} cores)",
-              "max_batch": max_batch, "gib_per_utterance": per_utt, "probes": probes}
+              "machine": info, "max_batch": max_batch, "gib_per_utterance": per_utt,
+              "probes": probes}
     print(json.dumps(result))
     return result
 

@@ -32,6 +32,9 @@ What is compared
 
     .venv/bin/python bench/train_step.py --model whisper-base --batch 4 --seconds 30 --steps 3
     .venv/bin/python bench/train_step.py --model hubert-base --batch 4 --seconds 4
+    # frozen encoder (no backward through it) against the full step, jaxser only:
+    .venv/bin/python bench/train_step.py --model whisper-base --batch 4 --seconds 4 --no-torch \
+        --freeze encoder
 
 The largest batch that fits in memory, remat off and on: bench/max_batch.py.
 """
@@ -58,7 +61,8 @@ from bench import common  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="whisper-base",
-                   help="preset: whisper-tiny|base|small|..., hubert-base|large, wav2vec2-*")
+                   help="preset: whisper-tiny|base|small|..., hubert-base|large, wav2vec2-*, "
+                        "wavlm-base|base-plus|large, data2vec-audio-base|large")
     p.add_argument("--batch", type=int, default=4, help="utterances per step")
     p.add_argument("--seconds", type=float, default=4.0, help="seconds of audio per utterance")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -66,6 +70,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per framework")
     p.add_argument("--remat", action="store_true", help="rematerialise encoder layers")
     p.add_argument("--attention", default="auto", help="jaxser attention implementation")
+    p.add_argument("--freeze", default="none", choices=("none", "encoder", "stem"),
+                   help="train with the encoder (or its convolutional stem) frozen, both "
+                        "frameworks: jaxser cuts it with stop_gradient (no backward pass), "
+                        "PyTorch sets requires_grad=False")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="encoder config field over the preset, both frameworks (repeatable; "
+                        "e.g. encoder_layers=2 for a quick run)")
     p.add_argument("--no-torch", action="store_true", help="time jaxser only")
     p.add_argument("--no-jaxser", action="store_true", help="time PyTorch only")
     p.add_argument("--same-process", action="store_true",
@@ -83,9 +94,26 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def freeze_patterns(args) -> tuple[str, ...]:
+    """jaxser's `optim.freeze` patterns for `--freeze` (absent in other scripts: none)."""
+    kind = getattr(args, "freeze", "none")
+    if kind == "encoder":
+        return ("encoder/*",)
+    if kind == "stem":
+        return (("encoder/conv*",) if common.family_of(args.model) == "whisper"
+                else ("encoder/feature_extractor/*",))
+    return ()
+
+
+def overrides(args) -> dict[str, Any]:
+    """The encoder overrides of `--override` (absent in argument sets of other scripts)."""
+    return common.parse_overrides(getattr(args, "override", None))
+
+
 def make_batch(args) -> tuple[common.Batch, Any]:
     """The random batch of `--batch` x `--seconds` for `--model`, and the encoder config."""
-    enc_cfg = common.build_jaxser(args.model, args.dtype, args.remat, args.attention)[1]
+    enc_cfg = common.build_jaxser(args.model, args.dtype, args.remat, args.attention,
+                                  overrides(args))[1]
     batch = common.random_batch(args.model, args.batch, args.seconds,
                                 getattr(enc_cfg, "num_mel_bins", 80))
     return batch, enc_cfg
@@ -99,8 +127,10 @@ class JaxserRunner:
 
     def __init__(self, args, batch: common.Batch, counter: common.CompileCounter):
         self.model, self.enc_cfg = common.build_jaxser(args.model, args.dtype, args.remat,
-                                                       args.attention)
-        init, make_step = common.make_jaxser_step(self.model, common.jaxser_optimizer())
+                                                       args.attention, overrides(args))
+        freeze = freeze_patterns(args)
+        init, make_step = common.make_jaxser_step(
+                self.model, common.jaxser_optimizer(freeze=freeze), freeze)
         self.batch = jax.device_put(batch.jax)
         self.state, tx = init(jax.random.key(0), self.batch["inputs"][:1],
                               self.batch["mask"][:1])
@@ -120,8 +150,11 @@ class JaxserRunner:
         compiled = self.step_fn.lower(self.state, self.batch).compile()
         temp_gib = compiled.memory_analysis().temp_size_in_bytes / 2**30
         if self.args.attention != "einsum" or self.args.remat:
-            model, _ = common.build_jaxser(self.args.model, self.args.dtype, False, "einsum")
-            _, make_step = common.make_jaxser_step(model, common.jaxser_optimizer())
+            model, _ = common.build_jaxser(self.args.model, self.args.dtype, False, "einsum",
+                                           overrides(self.args))
+            freeze = freeze_patterns(self.args)
+            _, make_step = common.make_jaxser_step(
+                    model, common.jaxser_optimizer(freeze=freeze), freeze)
             compiled = make_step(self.tx).lower(self.state, self.batch).compile()
         return common.cost_flops(compiled), temp_gib
 
@@ -144,6 +177,14 @@ class TorchRunner:
 
         torch.manual_seed(0)
         self.module = common.torch_ser_model(args.model, enc_cfg, batch.frames).train()
+        kind = getattr(args, "freeze", "none")
+        if kind == "encoder":
+            self.module.encoder.requires_grad_(False)
+        elif kind == "stem":
+            encoder = self.module.encoder
+            for name in ("conv1", "conv2", "feature_extractor"):
+                if hasattr(encoder, name):
+                    getattr(encoder, name).requires_grad_(False)
         if args.remat:
             self.module.encoder.gradient_checkpointing_enable(
                     gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -199,7 +240,7 @@ def main(argv=None) -> dict:
         print(f"waiting up to {args.wait_quiet:.0f} s for load < {args.quiet_load}: "
               f"{common.wait_for_quiet(args.wait_quiet, args.quiet_load)}", flush=True)
     info = common.machine()
-    print(f"machine: {info}", flush=True)
+    print(f"machine: {info['summary']}; {info}", flush=True)
     counter = common.CompileCounter()
     batch, enc_cfg = make_batch(args)
     shape = f"{args.batch} x {args.seconds:g} s"
@@ -255,7 +296,8 @@ def main(argv=None) -> dict:
             "model": args.model, "batch": args.batch, "seconds": args.seconds,
             "dtype": args.dtype, "device": f"{info['jax_device']} ({info['cpu']}, "
                                           f"{info['cores']} cores)",
-            "remat": args.remat, "frames": batch.frames,
+            "remat": args.remat, "freeze": args.freeze, "frames": batch.frames,
+            "overrides": overrides(args), "machine": info,
     }
     for name in ("jaxser", "torch"):
         if times[name]:

@@ -16,11 +16,16 @@ the paper, reading its own prepared folder (see EVALUATIONS for the `jaxser prep
                   on the speakers with an MBTI annotation (filter the manifest first)
   smoke           a tiny random HuBERT that trains in seconds on CPU (tests)
 
-Other encoders through fields: `--config.model.encoder=wav2vec2` (wav2vec2 / XLS-R checkpoints)
-or `--config.model.encoder=whisper`, with `--config.model.pretrained=<HF folder>`.
+The paper compared encoders at base and large size: an encoder from ENCODERS is a variant too,
+alone (`:wavlm-large`, the overall split) or after an evaluation (`:gender_female,wavlm-base-plus`;
+`:smoke,wavlm-large` is a tiny random one of that family); its runs go to
+runs/em2ldl_<encoder>/<evaluation>. Other encoders through fields:
+`--config.model.encoder=wav2vec2` (wav2vec2 / XLS-R checkpoints) or
+`--config.model.encoder=whisper`, with `--config.model.pretrained=<HF folder>`.
 """
 
-from jaxser.config import base_config, make_smoke_hubert
+from jaxser.config import base_config
+from jaxser.configs import common
 
 # Variant -> (prepare split spec, folder suffix). The data folder is data/em2ldl_<suffix>.
 EVALUATIONS = {
@@ -36,6 +41,16 @@ EVALUATIONS = {
 }
 
 
+# Encoder variant -> (model.encoder, model.size, model.pretrained: the Hub checkpoint as a
+# local folder). The default is HuBERT-large, the paper's main baseline.
+ENCODERS = {
+    "hubert-large": ("hubert", "hubert-large", "checkpoints/hubert-large-ll60k"),
+    "wavlm-base": ("wavlm", "wavlm-base", "checkpoints/wavlm-base"),
+    "wavlm-base-plus": ("wavlm", "wavlm-base-plus", "checkpoints/wavlm-base-plus"),
+    "wavlm-large": ("wavlm", "wavlm-large", "checkpoints/wavlm-large"),
+}
+
+
 def prepare_command(variant: str = "", manifest: str = "em2ldl.csv") -> str:
     """The `jaxser prepare` command that builds the data folder a variant reads."""
     split, suffix = EVALUATIONS[variant]
@@ -45,19 +60,26 @@ def prepare_command(variant: str = "", manifest: str = "em2ldl.csv") -> str:
 
 def get_config(variant: str = ""):
     c = base_config()
-    if variant not in EVALUATIONS and variant != "smoke":
-        raise ValueError(f"unknown variant {variant!r} of configs/em2ldl_hubert.py: "
-                         f"{', '.join(['smoke', *[v for v in EVALUATIONS if v]])}")
+    parts = [p for p in variant.split(",") if p]
+    encoders = [p for p in parts if p in ENCODERS]
+    evaluations = [p for p in parts if p not in ENCODERS]
+    if (len(encoders) > 1 or len(evaluations) > 1
+            or any(p not in EVALUATIONS and p != "smoke" for p in evaluations)):
+        raise ValueError(f"unknown variant {variant!r} of configs/em2ldl_hubert.py: one of "
+                         f"{', '.join(['smoke', *[v for v in EVALUATIONS if v]])} and/or one "
+                         f"of {', '.join(ENCODERS)}, comma-separated")
+    variant, encoder = (evaluations or [""])[0], (encoders or [""])[0]
     suffix = EVALUATIONS.get(variant, EVALUATIONS[""])[1]
-    c.workdir = f"runs/em2ldl_hubert/{suffix}"  # Checkpoints, logs and eval reports.
+    run = f"em2ldl_{encoder}" if encoder else "em2ldl_hubert"
+    c.workdir = f"runs/{run}/{suffix}"  # Checkpoints, logs and eval reports.
     c.data.dir = f"data/em2ldl_{suffix}"  # Prepared by prepare_command(variant) (docs).
     c.data.global_batch = 32  # Utterances per step, as the paper.
     c.data.eval_batch = 32  # Utterances per evaluation batch.
     c.data.num_buckets = 4  # Length buckets: less padding, a few compiled shapes.
 
-    c.model.encoder = "hubert"  # HuBERT (wav2vec2 / whisper through this field).
-    c.model.size = "hubert-large"  # Architecture preset (the checkpoint's config wins).
-    c.model.pretrained = "checkpoints/hubert-large-ll60k"  # Local HF folder (config + weights).
+    # HuBERT (wavlm / wav2vec2 / whisper through this field), the preset (the checkpoint's
+    # config wins) and the local HF folder (config + weights); see ENCODERS.
+    c.model.encoder, c.model.size, c.model.pretrained = ENCODERS[encoder or "hubert-large"]
     c.model.pooling = "mean"  # Masked mean over the valid frames.
     c.model.head_hidden = 0  # Linear head onto the 32 classes.
     c.model.dropout = 0.0  # No dropout before the head.
@@ -79,5 +101,5 @@ def get_config(variant: str = ""):
     c.train.log_every = 20  # Steps between logged training metrics.
 
     if variant == "smoke":
-        make_smoke_hubert(c, "em2ldl_hubert")
+        common.smoke(c, run)
     return c

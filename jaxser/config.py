@@ -13,10 +13,13 @@ import ast
 import difflib
 import importlib.util
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import ml_collections
+
+log = logging.getLogger(__name__)
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -42,7 +45,17 @@ def base_config() -> ConfigDict:
     c.data.num_buckets = 4  # How many buckets to derive when buckets_seconds is ().
     c.data.max_seconds = 0.0  # Crop longer utterances (random in training); 0: no crop.
     c.data.skip_corrupt = False  # Drop damaged records (warns, naming the files); False: stop.
+    # Each epoch a class-balanced draw with replacement instead of every utterance once
+    # (same batches per epoch, exact resume); not together with loss.weighted_ce.
+    c.data.class_balanced = False
     c.data.eval_batch = 16  # Utterances per global evaluation batch.
+    # A feature folder of `jaxser extract`: train the heads on the cached features of a
+    # frozen encoder (no audio read, no encoder run); "": train on audio.
+    c.data.features = ""
+    # Cached hidden states the heads read (0: embeddings, -1: last); (): all of them with
+    # model.layer_weighted_sum, else the last.
+    c.data.feature_layers = ()
+    c.data.feature_stats = "mean"  # Pooled features: mean | mean_std (extract.stats=mean_std).
 
     c.model = ConfigDict()
     c.model.encoder = "whisper"  # Encoder family: whisper | hubert | wav2vec2.
@@ -54,7 +67,14 @@ def base_config() -> ConfigDict:
     c.model.layer_weighted_sum = False  # Learned weighted sum of all encoder layers (SUPERB).
     c.model.head_hidden = 0  # Hidden width of the emotion head; 0: linear head.
     c.model.dropout = 0.0  # Dropout before the emotion head.
-    c.model.dtype = "float32"  # Compute dtype: float32 | bfloat16 (parameters stay float32).
+    c.model.head_norm = False  # LayerNorm after the heads' hidden layer (before the ReLU).
+    c.model.head_dropout = 0.0  # Dropout after the heads' hidden layer.
+    # Dimensional head (arousal/valence/dominance, 0-1) on the pooled embedding beside the
+    # emotion head; needs a data set with dimensions; trained by loss.ccc / loss.mse.
+    c.model.dims_head = False
+    c.model.dims_hidden = 0  # Hidden width of the dimensional head; 0: linear head.
+    c.model.dims_activation = "none"  # Output activation: none | sigmoid | tanh.
+    c.model.dtype = "auto"  # Compute: auto (bf16 on GPU/TPU, f32 on CPU) | float32 | bfloat16.
     # Rematerialise each encoder layer in the backward pass: keeps only the layer inputs
     # (a scan over the layers; costs 20-30% step time and two copies of the layer weights).
     c.model.remat = False
@@ -73,6 +93,12 @@ def base_config() -> ConfigDict:
     c.loss.supcon_temperature = 0.1  # Temperature of the supervised contrastive loss.
     c.loss.domain = 0.0  # Maximum gradient-reversal weight of the domain loss.
     c.loss.domain_schedule = "constant"  # Reversal weight schedule: constant | dann.
+    # Cross-entropy with class weights N / (K n_k) from the training split's class counts.
+    c.loss.weighted_ce = 0.0
+    c.loss.ccc = 0.0  # Weight of 1 - CCC of the emotion dimensions (batch CCC, masked).
+    c.loss.mse = 0.0  # Weight of the mean squared error of the emotion dimensions (0-1).
+    # Weight of each dimension in loss.ccc and loss.mse (a dimension not listed: 1).
+    c.loss.dim_weights = ConfigDict({"arousal": 1.0, "valence": 1.0, "dominance": 1.0})
 
     c.augment = ConfigDict()
     c.augment.waveform = False  # The seven waveform transforms (probabilities below).
@@ -97,7 +123,7 @@ def base_config() -> ConfigDict:
     c.optim.warmup_steps = 0  # Linear warmup steps.
     c.optim.epoch_decay = 0.875  # Learning rate factor per epoch (schedule=epoch_decay).
     c.optim.clip_norm = 0.0  # Global gradient norm clip; 0: off.
-    c.optim.grad_accum = 1  # Micro-batches accumulated inside one step.
+    c.optim.grad_accum = 1  # Micro-batches per step; exact full-batch grads except SupCon (README).
     c.optim.freeze = ()  # Parameter path patterns (fnmatch) kept frozen, e.g. encoder/conv*.
     c.optim.unfreeze_after = 0  # Step at which frozen parameters start training; 0: never.
     c.optim.head_lr_scale = 1.0  # Learning-rate factor of the heads.
@@ -109,11 +135,24 @@ def base_config() -> ConfigDict:
     c.train.log_every = 10  # Steps between metric logs.
     c.train.eval_every = 0  # Steps between validation runs; 0: once per epoch.
     c.train.checkpoint_every = 0  # Steps between latest-checkpoint saves; 0: with evaluation.
-    c.train.best_metric = "kl"  # Validation metric that picks the best checkpoint.
+    # Validation metric that picks the best checkpoint: kl, macro_f1, ccc_mean, ccc_arousal,
+    # macro_f1_ccc (mean of macro-F1 and mean CCC), ...
+    c.train.best_metric = "kl"
     c.train.best_tiebreak = ""  # Second validation metric that breaks ties; "": none.
+    # Rows whose target argmax is tied (0.45/0.45) in WA/UA/F1: exclude (left out, counted
+    # in tied_targets) | any (a prediction of any tied class is right) | first (taxonomy order).
+    c.train.tie_rule = "exclude"
     c.train.keep_best = 1  # Best checkpoints kept.
     c.train.patience = 0  # Evaluations without improvement before stopping; 0: off.
     c.train.async_checkpoints = True  # Save checkpoints in the background.
+    c.train.compilation_cache = "~/.cache/jaxser/xla"  # Persistent XLA compile cache; "": off.
+
+    c.extract = ConfigDict()  # `jaxser extract`: what a feature folder keeps.
+    c.extract.stats = "mean"  # Per-layer statistics over valid frames: mean | mean_std.
+    c.extract.frame_layers = ""  # Layers whose frames are kept (float16): "" | all | last | "0,6".
+    c.extract.max_seconds = 0.0  # Centre crop; 0: Whisper 30 s (one pass), others none.
+    c.extract.batch = 0  # Utterances per global batch; 0: data.eval_batch.
+    c.extract.chunk = 512  # Utterances per committed chunk (what an interruption loses).
 
     c.mesh = ConfigDict()
     c.mesh.data = -1  # Data-parallel axis size; -1: all devices left over.
@@ -134,26 +173,6 @@ def base_config() -> ConfigDict:
         ("layers", None),
         ("norm", None),
     )
-    return c
-
-
-def make_smoke_hubert(c: ConfigDict, name: str) -> ConfigDict:
-    """The `smoke` variant of a HuBERT-family config: a random tiny HuBERT (three conv
-    layers, one transformer layer) and CPU-sized batches, for seconds-long test runs."""
-    c.workdir = f"runs/{name}/smoke"
-    c.data.dir = "runs/smoke/data"
-    c.data.global_batch = 8  # One utterance per forced CPU device in tests.
-    c.data.eval_batch = 8
-    c.data.num_buckets = 1  # One compiled shape: faster tests.
-    c.model.size = ""  # No preset: only the tiny overrides below.
-    c.model.pretrained = ""  # Random initialisation.
-    c.model.encoder_overrides = ConfigDict(dict(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        conv_dim=(32, 32, 32), conv_stride=(5, 2, 2), conv_kernel=(10, 3, 3),
-        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4))
-    c.optim.lr = 1e-3  # A random tiny model needs a large rate.
-    c.train.epochs = 1
-    c.train.log_every = 1
     return c
 
 
@@ -246,8 +265,13 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
     path = Path(path_text)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    module = _load_module(path)
-    cfg = module.get_config(arg) if arg else module.get_config()
+    return make_config(_load_module(path).get_config, arg, overrides)
+
+
+def make_config(get_config, variant: str = "", overrides: Sequence[str] = ()) -> ConfigDict:
+    """`get_config(variant)` of a config file, checked against `base_config()`, locked,
+    with `--config.x=y` overrides applied (what `load_config` does after loading the file)."""
+    cfg = get_config(variant) if variant else get_config()
     reference = base_config()
     unknown = [n for n in _leaf_names(cfg) if n not in _leaf_names(reference)
                and ".encoder_overrides." not in f".{n}"]

@@ -1,162 +1,29 @@
-"""`jaxser evaluate`: metrics of a checkpoint on a split, beside the prior baseline.
-
-Every example of the split is seen exactly once (the last batch is padded with masked
-examples). Metrics are accumulated as sufficient statistics, so they do not depend on the
-batch size; with several hosts, each host's rows are gathered to all before accumulating.
+"""`jaxser evaluate`: metrics of a trained workdir on a split, beside the prior baseline.
 
 `evaluate_workdir` evaluates any split of any prepared dataset with the model's taxonomy
 (cross-corpus evaluation) and writes `WORKDIR/eval/<split>.json` (metrics overall and per
 group, the training-prior and majority baselines, the checkpoint step, the dataset's
 speaker-overlap status), `<split>_predictions.jsonl` (one row per utterance) and the plots
-of `jaxser.report` as `<split>_<plot>.png`.
+of `jaxser.report` as `<split>_<plot>.png`. The metrics themselves come from
+`jaxser.train.evaluation.evaluate_split`, the same code the training loop validates with.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
-from collections.abc import Sequence
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from jaxser import config as config_lib
 from jaxser import report as report_lib
-from jaxser.data import pipeline, shards
-from jaxser.train import sharding
-from jaxser.train.checkpoint import Checkpoints
-from jaxser.train.metrics import MetricAccumulator, majority_predictions, prior_predictions
+from jaxser.data import dimensions, shards
+from jaxser.train.evaluation import evaluate_split
+from jaxser.train.experiment import load_for_inference
 
 TABLE_METRICS = report_lib.TABLE_METRICS
-log = logging.getLogger("jaxser")
-
-
-def _gather_rows(rows: dict) -> dict:
-    """All hosts' rows of a host-local batch (numpy), identical on every host."""
-    if jax.process_count() == 1:
-        return rows
-    from jax.experimental import multihost_utils
-
-    return {k: np.concatenate(list(multihost_utils.process_allgather(v)), axis=0)
-            for k, v in rows.items()}
-
-
-def _group_codes(meta: dict, columns: list[str]) -> dict[str, np.ndarray]:
-    out = {}
-    attrs = [json.loads(a) if a else {} for a in meta.get("attrs", [])]
-    for col in columns:
-        if col in meta:
-            out[col] = np.asarray(meta[col]).astype(str)
-        else:
-            out[col] = np.asarray([str(a.get(col, "")) for a in attrs])
-    return out
-
-
-def evaluate_split(exp, params, data_dir: str, split: str, prior=None,
-                   predictions: list | None = None,
-                   target_columns: Sequence[int] | None = None) -> dict:
-    """Metrics of `params` on a split: {"overall", "groups"} (+"prior", "majority" when
-    given a prior).
-
-    prior: the training set's mean distribution [K] in the model's label order, scored the
-    same way (and its majority class) so the report shows what a model that learned
-    nothing scores.
-    predictions: a list that receives one dict per real example (id, probs, target, meta).
-    target_columns: the dataset's label column of each model label, when the dataset
-    lists the same labels in another order (None: the same order).
-    """
-    info = shards.load_dataset_info(data_dir)
-    columns = [c for c in info.get("group_columns", []) if c]
-    model_acc = MetricAccumulator(exp.labels, columns)
-    prior_acc = MetricAccumulator(exp.labels, columns) if prior is not None else None
-    major_acc = MetricAccumulator(exp.labels, columns) if prior is not None else None
-    per_host = max(exp.cfg.data.eval_batch // jax.process_count(), 1)
-    per_host = -(-per_host // max(exp.pipe_cfg.batch_multiple, 1)) * exp.pipe_cfg.batch_multiple
-    eval_step = exp.eval_step()
-    for batch in pipeline.eval_batches(data_dir, split, per_host, exp.pipe_cfg):
-        if target_columns is not None:
-            batch["label"] = np.asarray(batch["label"])[:, list(target_columns)]
-        out = eval_step(params, exp.device_batch(batch))
-        probs = sharding.host_local(out["probs"], exp.mesh, exp.rules)
-        groups = local_groups = _group_codes(batch["meta"], columns)
-        rows = _gather_rows({"probs": probs, "label": batch["label"], "valid": batch["valid"]})
-        if jax.process_count() > 1:  # Strings travel as codes of the dataset's values.
-            groups = _gather_group_strings(groups, info, split)
-        model_acc.update(rows["probs"], rows["label"], rows["valid"], groups)
-        if prior is not None:
-            n = len(rows["valid"])
-            prior_acc.update(prior_predictions(np.asarray(prior), n), rows["label"],
-                             rows["valid"], groups)
-            major_acc.update(majority_predictions(np.asarray(prior), n), rows["label"],
-                             rows["valid"], groups)
-        if predictions is not None and jax.process_index() == 0:
-            _collect(predictions, batch, probs, exp.labels, local_groups)
-    result = model_acc.result()
-    if prior is not None:
-        result["prior"] = prior_acc.result()
-        result["majority"] = major_acc.result()
-    return result
-
-
-def _gather_group_strings(groups: dict, info: dict, split: str) -> dict:
-    values = {c: sorted(info["splits"][split].get("groups", {}).get(c, {})) for c in groups}
-    codes = {c: np.asarray([values[c].index(v) if v in values[c] else -1 for v in groups[c]])
-             for c in groups}
-    codes = _gather_rows(codes)
-    return {c: np.asarray([values[c][i] if i >= 0 else "" for i in codes[c]]) for c in codes}
-
-
-def _collect(predictions: list, batch: dict, probs: np.ndarray, labels: list[str],
-             groups: dict[str, np.ndarray]) -> None:
-    """One row per real example: id, speaker, group values, prediction, target, top classes."""
-    meta = batch["meta"]
-    for i in np.flatnonzero(batch["valid"] > 0):
-        predictions.append({
-            "id": str(meta["id"][i]), "speaker": str(meta["speaker"][i]),
-            "groups": {c: str(v[i]) for c, v in groups.items()},
-            "prediction": {lb: round(float(p), 6)
-                           for lb, p in zip(labels, probs[i], strict=True)},
-            "target": {lb: round(float(p), 6)
-                       for lb, p in zip(labels, batch["label"][i], strict=True)},
-            "top": labels[int(np.argmax(probs[i]))],
-            "true_top": labels[int(np.argmax(batch["label"][i]))]})
-
-
-def check_checkpoint(checkpoint: str | int) -> str:
-    """`best`, `latest` or a step number; ValueError naming anything else."""
-    value = str(checkpoint)
-    if value not in ("best", "latest") and not re.fullmatch(r"\d+", value):
-        raise ValueError(f"checkpoint must be best, latest or a step number, got {value!r}")
-    return value
-
-
-def load_for_inference(workdir: str | Path, checkpoint: str = "best", data_dir: str | None = None):
-    """(experiment, params, step, meta) of a trained workdir, for evaluation or prediction.
-
-    checkpoint: `best` (falls back to the latest when no best was kept), `latest` or a
-    step number. data_dir: another prepared dataset to point the experiment at.
-    """
-    from jaxser.train.experiment import Experiment
-
-    checkpoint = check_checkpoint(checkpoint)
-    if not (Path(workdir) / "checkpoints").is_dir():
-        raise FileNotFoundError(f"no checkpoints in {workdir}: is it a training workdir?")
-    ckpt = Checkpoints(workdir, read_only=True)
-    try:
-        step, meta = ckpt.read_meta(checkpoint)
-        cfg = config_lib.config_from_json(json.dumps(meta["config"]))
-        if data_dir:
-            cfg.data.dir = str(data_dir)
-        exp = Experiment(cfg, meta["labels"], meta["corpora"],
-                         encoder_fields=meta["encoder_fields"], steps_per_epoch=1)
-        with exp.mesh_context():
-            target, _ = exp.abstract_state(jax.random.key(cfg.seed))
-            step, state, _, meta = ckpt.restore(step, target)
-    finally:
-        ckpt.close()
-    return exp, state.params, step, meta
+log = logging.getLogger(__name__)
 
 
 def format_table(report: dict) -> str:
@@ -238,10 +105,12 @@ def evaluate_workdir(workdir: str | Path, split: str = "test", checkpoint: str =
     for warning in warnings:
         log.warning("%s", warning)
     prior, prior_source = _prior(meta, info, exp.cfg.data.train_split, columns)
+    dims_prior = meta.get("dims_prior") if exp.dims else None
     predictions: list = []
     with exp.mesh_context():
         result = evaluate_split(exp, params, exp.cfg.data.dir, split, prior=prior,
-                                predictions=predictions, target_columns=columns)
+                                predictions=predictions, target_columns=columns,
+                                dims_prior=dims_prior)
     overall = result["overall"]
     report = {
         "split": split, "checkpoint": str(checkpoint), "checkpoint_step": int(step),
@@ -259,6 +128,9 @@ def evaluate_workdir(workdir: str | Path, split: str = "test", checkpoint: str =
         "majority_groups": result.get("majority", {}).get("groups", {}),
         "speaker_overlap": info.get("speaker_overlap"), "split_leak": leak,
         "warnings": warnings, "soft_labels": report_lib.is_soft(predictions),
+        "dimensions": {"names": exp.dims, "scale": {
+            d: dimensions.report_scale(info, d).to_json() for d in exp.dims}} if exp.dims
+        else None,
         "plots": {},
     }
     if jax.process_index() == 0:

@@ -4,8 +4,10 @@
   serialization: the jitted JAX function as StableHLO inside an XlaCallModule op, with
   the weights as TF variables). Signature `serving_default(waveform [batch, samples]
   float32 at 16 kHz, lengths [batch] int32) -> {"probs": [batch, K]}` (+ "frame_probs",
-  "frame_mask" for pooling=frame_logits). Any batch size and any length the encoder
-  takes in one pass (Whisper: up to 30 s); the waveform is padded inside the graph.
+  "frame_mask" for pooling=frame_logits; + "dims" [batch, D] on the 0-1 training scale for a
+  model with a dimensional head, their names in the metadata). Any batch size and any
+  length the encoder takes in one pass (Whisper: up to 30 s); the waveform is padded inside
+  the graph.
 - `export_stablehlo`: the same function through `jax.export` alone (no TensorFlow): a
   serialized StableHLO artefact plus the weights, loaded back with `load_stablehlo`.
 - `export_encoder`: the encoder as a Hugging Face checkpoint folder (config.json +
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -27,10 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxser.evaluate import load_for_inference
+from jaxser.constants import SAMPLE_RATE
 from jaxser.models import attention, ser_model
+from jaxser.train.experiment import load_for_inference
 
-SAMPLE_RATE = 16000
+log = logging.getLogger(__name__)
+
 PAD_MULTIPLE = 320  # Samples per encoder output frame (Whisper and the wav2vec2 family).
 PLATFORMS = ("cpu", "cuda", "tpu")
 METADATA = "jaxser_export.json"
@@ -69,6 +74,8 @@ def inference_function(exp, portable: bool = True) -> Callable:
         if "frame_logits" in out:
             result["frame_probs"] = jax.nn.softmax(out["frame_logits"].astype(jnp.float32), -1)
             result["frame_mask"] = out["frame_mask"]
+        if "dims" in out:
+            result["dims"] = out["dims"].astype(jnp.float32)
         return result
 
     return infer
@@ -90,7 +97,8 @@ def _write_metadata(out: Path, exp, step: int, workdir, kind: str, **extra) -> N
     meta = {"format": kind, "labels": list(exp.labels), "sample_rate": SAMPLE_RATE,
             "pad_multiple": PAD_MULTIPLE, "encoder": exp.cfg.model.encoder,
             "pooling": exp.cfg.model.pooling, "checkpoint_step": int(step),
-            "workdir": str(workdir), **extra}
+            "workdir": str(workdir),
+            "dimensions": list(getattr(exp, "dims", []) or []), **extra}
     (out / METADATA).write_text(json.dumps(meta, indent=2))
 
 
@@ -105,7 +113,7 @@ def export_savedmodel(workdir: str | Path, out_dir: str | Path, checkpoint: str 
     import tensorflow as tf
     from jax.experimental import jax2tf
 
-    exp, params, step, _ = load_for_inference(workdir, checkpoint)
+    exp, params, step, _ = load_for_inference(workdir, checkpoint, audio=True)
     weights = _host_params(params)
     converted = jax2tf.convert(
         inference_function(exp), polymorphic_shapes=[None, "(b, 320*t)", "(b,)"],
@@ -209,7 +217,7 @@ def export_stablehlo(workdir: str | Path, out_dir: str | Path, checkpoint: str =
     with symbolic batch and length, the weights as `weights.npz`, and the metadata."""
     from jax import export as jax_export
 
-    exp, params, step, _ = load_for_inference(workdir, checkpoint)
+    exp, params, step, _ = load_for_inference(workdir, checkpoint, audio=True)
     weights = _host_params(params)
     b, t = jax_export.symbolic_shape("b, t", constraints=_constraints(exp))
     specs = (jax.tree.map(lambda w: jax.ShapeDtypeStruct(w.shape, w.dtype), weights),
@@ -251,7 +259,7 @@ def export_encoder(workdir: str | Path, out_dir: str | Path, checkpoint: str = "
     `config.model.pretrained`."""
     from jaxser.models.pretrained import export_pretrained
 
-    exp, params, step, _ = load_for_inference(workdir, checkpoint)
+    exp, params, step, _ = load_for_inference(workdir, checkpoint, audio=True)
     encoder = jax.device_get(nn.meta.unbox(params["model"]["encoder"]))
     out = export_pretrained(exp.cfg.model.encoder, exp.enc_cfg, encoder, out_dir)
     _write_metadata(Path(out), exp, step, workdir, "huggingface_encoder")

@@ -16,19 +16,34 @@ of each fold, e.g. `logo:session=Ses0{fold1}` for IEMOCAP's leave-one-session-ou
 Running again resumes: finished folds only re-run their (cheap) test evaluation, an
 interrupted fold resumes from its latest checkpoint.
 
-    python -m jaxser.folds --config configs/mll_eam_flam.py --folds 5 \
+With `data.features` (heads on a frozen encoder's cached features) every fold first runs
+`jaxser.train.extract.extract` into that one folder: the folds hold the same records split
+differently, so the encoder runs once over the corpus and each fold only adds its view.
+
+    jaxser train --config configs/mll_eam_flam.py --folds 5 \
         --manifest iemocap.csv --taxonomy iemocap4 [--config.a.b=v ...]
+
+(`jaxser train --help` lists the fold options; `run_folds` is the same from Python.)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import math
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+import jax
+from jax.experimental import multihost_utils
+
+from jaxser import config as config_lib
+from jaxser import evaluate
+from jaxser.data import prepare
+from jaxser.train import extract, loop
+
+log = logging.getLogger(__name__)
 
 SUMMARY_JSON = "folds_summary.json"
 DEFAULT_SPLIT_FORMAT = "kfold:{folds}:{fold}"
@@ -52,17 +67,11 @@ def default_data_root(data_dir: str) -> str:
 
 
 def _is_main() -> bool:
-    import jax
-
     return jax.process_index() == 0
 
 
 def _sync(name: str) -> None:
-    import jax
-
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -74,8 +83,6 @@ def prepare_folds(manifests: Sequence[str | Path], data_root: str | Path, folds:
     neutral_smoothing, workers, ...). The split seed is the same for every fold, so the
     folds partition the speakers.
     """
-    from jaxser.data import prepare
-
     dirs = [Path(data_root) / f"fold{i}" for i in range(folds)]
     if _is_main():
         for i, out in enumerate(dirs):
@@ -133,27 +140,29 @@ def format_summary(summary: dict) -> str:
     return "\n".join([head, lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
-def run_folds(config_spec: str, overrides: Sequence[str], folds: int, data_root: str | Path,
-              *, manifests: Sequence[str | Path] | None = None,
+def run_folds(config_spec: str, overrides: Sequence[str], folds: int,
+              data_root: str | Path | None = None, *,
+              manifests: Sequence[str | Path] | None = None,
               split_format: str = DEFAULT_SPLIT_FORMAT, split: str = "test",
               **prepare_options) -> dict:
     """Trains and tests every fold; writes WORKDIR/folds_summary.json, prints and returns it.
 
     config_spec: `configs/X.py[:variant]`; overrides: `--config.a.b=v` strings (applied to
-    every fold, before the fold's own workdir and data.dir). data_root: holds fold{i}.
-    manifests: prepare the folds from these (else the fold folders must exist).
-    prepare_options: passed to `jaxser.data.prepare.prepare` (taxonomy, seed, ...).
+    every fold, before the fold's own workdir and data.dir). data_root: holds fold{i}
+    (None: `default_data_root` of the config's data.dir). manifests: prepare the folds
+    from these (else the fold folders must exist). prepare_options: passed to
+    `jaxser.data.prepare.prepare` (taxonomy, map_file, seed, ...); they need manifests.
     """
-    from jaxser import config as config_lib
-    from jaxser import evaluate
-    from jaxser.train import loop
-
     if folds < 2:
         raise ValueError(f"folds must be at least 2, got {folds}")
+    if prepare_options and not manifests:
+        raise ValueError(f"{', '.join(sorted(prepare_options))} prepare the folds: they need "
+                         "manifests (--manifest)")
     base = config_lib.load_config(config_spec, overrides)  # Typos fail before any work.
     if not base.workdir:
         raise ValueError("config.workdir must be set: the folds run in WORKDIR/fold{i}")
-    root, data_root = Path(base.workdir), Path(data_root)
+    root = Path(base.workdir)
+    data_root = Path(data_root or default_data_root(base.data.dir))
     fold_split(split_format, folds, 0)  # A bad format fails before any work.
     if manifests:
         prepare_folds(manifests, data_root, folds, split_format=split_format,
@@ -165,6 +174,8 @@ def run_folds(config_spec: str, overrides: Sequence[str], folds: int, data_root:
         cfg = config_lib.load_config(config_spec, [
             *overrides, f"--config.workdir={root / f'fold{i}'}",
             f"--config.data.dir={data_root / f'fold{i}'}"])
+        if cfg.data.get("features"):  # One extraction serves every fold (keyed by record).
+            extract.extract(cfg)
         trained = loop.train(cfg)
         report = evaluate.evaluate_workdir(cfg.workdir, split)
         per_fold.append({
@@ -188,66 +199,3 @@ def run_folds(config_spec: str, overrides: Sequence[str], folds: int, data_root:
         print(format_summary(summary))
         print(f"summary: {root / SUMMARY_JSON}")
     return summary
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m jaxser.folds", description="k-fold cross-validation: prepare (optional), "
-        "train and test every fold, then mean and std of every metric.",
-        epilog="Override any config field with --config.a.b=value (applied to every fold).")
-    p.add_argument("--config", required=True, help="configs/X.py[:variant]")
-    p.add_argument("--folds", type=int, required=True, help="number of folds K")
-    p.add_argument("--manifest", action="append", help="prepare the folds from this manifest "
-                   "(repeat for several); without it DATA_ROOT/fold{i} must exist")
-    p.add_argument("--data-root", help="folder of the fold datasets (default: the config's "
-                   "data.dir, or its parent when it ends in fold{i})")
-    p.add_argument("--split-format", default=DEFAULT_SPLIT_FORMAT,
-                   help="split of fold i with {folds}, {fold} (0-based), {fold1} (1-based), "
-                   "e.g. 'kfold:{folds}:{fold}:balance=gender' or 'logo:session=Ses0{fold1}'")
-    p.add_argument("--taxonomy", help="prepare: em2ldl32 | basic | iemocap4 | a file")
-    p.add_argument("--map", help="prepare: a harmonisation map file")
-    p.add_argument("--neutral-smoothing", type=float, default=0.0, help="prepare: neutral mix")
-    p.add_argument("--seed", type=int, default=0, help="prepare: split seed (same every fold)")
-    p.add_argument("--workers", type=int, default=2, help="prepare: decoding processes")
-    p.add_argument("--split", default="test", help="split each fold is evaluated on")
-    from jaxser.cli import _add_distributed
-
-    _add_distributed(p)
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m jaxser.folds ...`; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args, overrides = parser.parse_known_args(argv)
-    from absl import logging as absl_logging
-
-    from jaxser import config as config_lib
-    from jaxser.cli import _init_distributed
-    from jaxser.errors import JaxserError
-    from jaxser.train.writers import setup_logging
-
-    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's info/warnings are noise here.
-    setup_logging()
-    try:
-        if not args.manifest and (args.taxonomy or args.map or args.neutral_smoothing):
-            raise ValueError("--taxonomy, --map and --neutral-smoothing prepare the folds: "
-                             "they need --manifest")
-        cfg = config_lib.load_config(args.config, overrides)
-        _init_distributed(args)
-        data_root = args.data_root or default_data_root(cfg.data.dir)
-        options = {}
-        if args.manifest:
-            options = dict(taxonomy=args.taxonomy, map_file=args.map, seed=args.seed,
-                           neutral_smoothing=args.neutral_smoothing, workers=args.workers)
-        run_folds(args.config, overrides, args.folds, data_root, manifests=args.manifest,
-                  split_format=args.split_format, split=args.split, **options)
-    except (ValueError, FileNotFoundError, JaxserError) as e:
-        print(f"jaxser folds: error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,10 +12,13 @@ process starts, so the program re-executes itself once with the tunable set; a
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import platform
 import sys
 from collections.abc import Iterator, Sequence
+
+log = logging.getLogger(__name__)
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 

@@ -1,9 +1,14 @@
 """`jaxser predict` and the notebook API: emotion distributions for audio files or arrays.
 
-`Predictor.load(workdir)` restores a trained model once; `predictor(arrays_or_paths)`
+`Predictor.load(workdir)` restores a trained model once (`Predictor.from_pretrained(path)`
+reads a released checkpoint that brings its own classifier, emotion2vec+, with no training);
+`predictor(arrays_or_paths)`
 returns one dict per input with the distribution by label name and the top class; with
 `window`/`hop` also the distribution over time (one row per window), and for models with
-frame-level outputs (pooling=frame_logits) the per-frame distributions.
+frame-level outputs (pooling=frame_logits) the per-frame distributions. A model with a
+dimensional head also gives `dimensions` {arousal, valence, dominance: value} on the scale
+of its training data (e.g. 1-7; 0-1 when its corpora had different scales), per file and
+per window of the timeline.
 
 Inputs are batched, padded to a small set of lengths (so a new length rarely compiles a
 new program) and padding is masked, so a file gives the same result alone or in a batch.
@@ -13,6 +18,9 @@ chunks whose distributions are averaged, weighted by their duration.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,10 +28,14 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxser.data import audio as audio_io
-from jaxser.evaluate import load_for_inference
+from jaxser import config as config_lib
+from jaxser.constants import SAMPLE_RATE
+from jaxser.data import decode, dimensions
+from jaxser.models import emotion2vec_checkpoint
+from jaxser.train.experiment import Experiment, load_for_inference
 
-SAMPLE_RATE = 16000
+log = logging.getLogger(__name__)
+
 PAD_MULTIPLE = 320  # Whisper: hop 160 x conv stride 2; wav2vec2 family: conv stride 320.
 MIN_SECONDS = 0.05  # Shorter inputs get an error instead of a guess.
 DECIMALS = 6  # Rounding of the probabilities in the JSON output.
@@ -56,6 +68,33 @@ def frame_hop_samples(exp) -> int:
     return int(np.prod(strides)) if exp.cfg.model.encoder != "whisper" and strides else 320
 
 
+def pretrained_experiment(path: str | Path | None = None, cfg=None) -> tuple[Experiment, dict]:
+    """(experiment, params) of a released checkpoint with its own classifier, no training.
+
+    Today that is emotion2vec+ (a FunASR folder: config.yaml, model.pt, tokens.txt): its
+    encoder, mean pooling over the frames and its 9-class head, as FunASR computes them.
+    `cfg`: a jaxser config whose model.dtype, model.attention, model.encoder_overrides and
+    mesh are used (default: the base config); its model.pretrained names the checkpoint
+    unless `path` is given.
+    """
+    cfg = copy.deepcopy(cfg) if cfg is not None else config_lib.base_config()
+    path = str(path or cfg.model.pretrained)
+    if not path or not emotion2vec_checkpoint.is_emotion2vec(path):
+        raise ValueError(f"{path or 'no checkpoint given'}: only an emotion2vec(+) checkpoint "
+                         "(a FunASR folder with config.yaml and model.pt) predicts without "
+                         "training; train other encoders with `jaxser train`")
+    checkpoint = emotion2vec_checkpoint.load_emotion2vec(path)
+    m = cfg.model  # emotion2vec+'s head: a linear layer on the mean of the last layer.
+    m.encoder, m.pretrained, m.size, m.pooling, m.head_hidden = "emotion2vec", path, "", "mean", 0
+    m.layer_weighted_sum, m.domain_head, m.dropout = False, False, 0.0
+    fields = {**dataclasses.asdict(checkpoint.config), **dict(m.encoder_overrides),
+              "attention": m.attention, "remat": bool(m.remat)}
+    exp = Experiment(cfg, list(checkpoint.labels), [], encoder_fields=fields, steps_per_epoch=1)
+    template = jax.eval_shape(lambda k: exp.model.init({"params": k, "dropout": k},
+                                                       *exp.sample), jax.random.key(0))
+    return exp, {"model": emotion2vec_checkpoint.ser_params(checkpoint, template["params"])}
+
+
 def _round(probs: np.ndarray) -> list[float]:
     return [round(float(p), DECIMALS) for p in probs]
 
@@ -63,9 +102,12 @@ def _round(probs: np.ndarray) -> list[float]:
 class Predictor:
     """A trained model ready for inference on waveforms (16 kHz mono float32)."""
 
-    def __init__(self, exp, params, step: int):
+    def __init__(self, exp, params, step: int, dimension_info: dict | None = None):
         self.exp, self.params, self.step = exp, params, step
         self.labels = list(exp.labels)
+        self.dims = list(getattr(exp, "dims", []) or [])
+        info = {"dimensions": dimension_info or {}}
+        self.dim_scales = [dimensions.report_scale(info, d) for d in self.dims]
         self.max_samples = max_pass_samples(exp)
         self.has_frames = exp.cfg.model.pooling == "frame_logits"
         self.frame_seconds = frame_hop_samples(exp) / SAMPLE_RATE
@@ -73,13 +115,21 @@ class Predictor:
     @classmethod
     def load(cls, workdir: str | Path, checkpoint: str = "best") -> Predictor:
         """Restores `best`, `latest` or a step number of a training workdir."""
-        exp, params, step, _ = load_for_inference(workdir, checkpoint)
-        return cls(exp, params, step)
+        exp, params, step, meta = load_for_inference(workdir, checkpoint, audio=True)
+        return cls(exp, params, step, meta.get("dimensions"))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, cfg=None) -> Predictor:
+        """A released checkpoint with its own classifier (emotion2vec+), no training; see
+        `pretrained_experiment`."""
+        exp, params = pretrained_experiment(path, cfg)
+        return cls(exp, params, 0)
 
     # ------------------------------------------------------------------ raw arrays
 
     def _run(self, waves: list[np.ndarray]) -> dict[str, np.ndarray]:
-        """One forward pass of a batch: {probs [n, K], frame_probs? [n, T, K], frame_mask?}."""
+        """One forward pass of a batch: {probs [n, K], dims? [n, D] (0-1), frame_probs?
+        [n, T, K], frame_mask?}."""
         dp = self.exp.dp
         n = padded_length(max(len(w) for w in waves), self.max_samples)
         rows = 2 ** math.ceil(math.log2(len(waves)))  # Few batch shapes, too.
@@ -106,8 +156,9 @@ class Predictor:
     def probabilities(self, waves: Sequence[np.ndarray], batch_size: int = 8) -> dict:
         """Class probabilities of 16 kHz waveforms as arrays.
 
-        Returns {"probs": [n, K]} and, for frame-level models, "frame_probs": a list of
-        [frames_i, K] arrays (valid frames only) and "frame_seconds" (the frame hop).
+        Returns {"probs": [n, K]}, for models with a dimensional head "dims": [n, D] on the
+        reporting scale, and, for frame-level models, "frame_probs": a list of [frames_i, K]
+        arrays (valid frames only) and "frame_seconds" (the frame hop).
         """
         waves = [self._check_wave(w, i) for i, w in enumerate(waves)]
         pieces, owner = [], []
@@ -116,12 +167,15 @@ class Predictor:
                 pieces.append(piece)
                 owner.append(i)
         probs = np.zeros((len(pieces), len(self.labels)), np.float64)
+        dims = np.zeros((len(pieces), len(self.dims)), np.float64)
         frames: list[np.ndarray | None] = [None] * len(pieces)
         order = np.argsort([len(p) for p in pieces], kind="stable")  # Similar lengths batch.
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             out = self._run([pieces[j] for j in idx])
             probs[idx] = out["probs"]
+            if self.dims:
+                dims[idx] = out["dims"]
             if "frame_probs" in out:
                 for row, j in enumerate(idx):
                     frames[j] = out["frame_probs"][row][out["frame_mask"][row].astype(bool)]
@@ -131,6 +185,12 @@ class Predictor:
                                                 weights=weights[owner == i])
                                      for i in range(len(waves))]) if waves else probs,
                   "chunks": np.bincount(owner, minlength=len(waves))}
+        if self.dims:
+            mean = np.stack([np.average(dims[owner == i], axis=0, weights=weights[owner == i])
+                             for i in range(len(waves))]) if waves else dims
+            for j, scale in enumerate(self.dim_scales):
+                mean[:, j] = scale.original(mean[:, j])
+            result["dims"] = mean
         if self.has_frames:
             result["frame_probs"] = [np.concatenate([frames[j] for j in np.flatnonzero(owner == i)])
                                      for i in range(len(waves))]
@@ -152,24 +212,30 @@ class Predictor:
 
     # ------------------------------------------------------------------ dict outputs
 
-    def _row(self, probs: np.ndarray) -> dict:
-        return {"distribution": dict(zip(self.labels, _round(probs), strict=True)),
-                "top": self.labels[int(np.argmax(probs))]}
+    def _row(self, probs: np.ndarray, dims: np.ndarray | None = None) -> dict:
+        row = {"distribution": dict(zip(self.labels, _round(probs), strict=True)),
+               "top": self.labels[int(np.argmax(probs))]}
+        if dims is not None and self.dims:
+            row["dimensions"] = dict(zip(self.dims, _round(dims), strict=True))
+        return row
 
     def predict_waveforms(self, waves: Sequence[np.ndarray], batch_size: int = 8,
                           window: float = 0.0, hop: float = 0.0,
                           sample_rate: int = SAMPLE_RATE, frames: bool = True) -> list[dict]:
         """One dict per mono waveform (resampled to 16 kHz when `sample_rate` differs).
 
-        Keys: `duration` (s), `distribution` {label: p}, `top`; `chunks` when the wave was
-        longer than one encoder pass; `timeline` rows when window > 0; `frame_probs`
-        ([frames][K]) and `frame_seconds` for frame-level models when `frames`.
+        Keys: `duration` (s), `distribution` {label: p}, `top`; `dimensions` {name: value}
+        for a model with a dimensional head; `chunks` when the wave was longer than one
+        encoder pass; `timeline` rows when window > 0; `frame_probs` ([frames][K]) and
+        `frame_seconds` for frame-level models when `frames`.
         """
         waves = [self._resampled(w, sample_rate) for w in waves]
         out = self.probabilities(waves, batch_size)
         results = []
         for i, wave in enumerate(waves):
-            row = {"duration": round(len(wave) / SAMPLE_RATE, 3), **self._row(out["probs"][i])}
+            dims = out["dims"][i] if "dims" in out else None
+            row = {"duration": round(len(wave) / SAMPLE_RATE, 3),
+                   **self._row(out["probs"][i], dims)}
             if out["chunks"][i] > 1:
                 row["chunks"] = int(out["chunks"][i])
             if frames and "frame_probs" in out:
@@ -184,7 +250,7 @@ class Predictor:
     def _resampled(wave, sample_rate: int) -> np.ndarray:
         wave = np.asarray(wave, np.float32)
         if sample_rate != SAMPLE_RATE and wave.ndim == 1:
-            wave = audio_io.resample(wave, sample_rate, SAMPLE_RATE).astype(np.float32)
+            wave = decode.resample(wave, sample_rate, SAMPLE_RATE).astype(np.float32)
         return wave
 
     def window_starts(self, samples: int, window: float, hop: float) -> list[int]:
@@ -203,7 +269,8 @@ class Predictor:
 
     def timeline(self, wave: np.ndarray, window: float, hop: float,
                  batch_size: int = 8) -> list[dict]:
-        """The distribution over time: one row per window with start/end seconds.
+        """The distribution (and the dimensions) over time: one row per window with
+        start/end seconds.
 
         Windows of `window` seconds every `hop` seconds; a last window ends at the end of
         the wave, so every sample is covered.
@@ -211,10 +278,11 @@ class Predictor:
         wave = self._check_wave(wave, 0)
         size = int(round(window * SAMPLE_RATE))
         starts = self.window_starts(len(wave), window, hop)
-        probs = self.probabilities([wave[s:s + size] for s in starts], batch_size)["probs"]
+        out = self.probabilities([wave[s:s + size] for s in starts], batch_size)
+        dims = out.get("dims", [None] * len(starts))
         return [{"start": round(s / SAMPLE_RATE, 3),
-                 "end": round(min(s + size, len(wave)) / SAMPLE_RATE, 3), **self._row(p)}
-                for s, p in zip(starts, probs, strict=True)]
+                 "end": round(min(s + size, len(wave)) / SAMPLE_RATE, 3), **self._row(p, d)}
+                for s, p, d in zip(starts, out["probs"], dims, strict=True)]
 
     def predict_files(self, paths: Sequence[str | Path], batch_size: int = 8,
                       window: float = 0.0, hop: float = 0.0,
@@ -227,9 +295,9 @@ class Predictor:
         good, waves = [], []
         for i, path in enumerate(paths):
             try:
-                wave = audio_io.decode_checked(str(path), None, None, MIN_SECONDS,
-                                               max_seconds).astype(np.float32) / 32768.0
-            except audio_io.AudioError as e:
+                wave = decode.decode_checked(str(path), None, None, MIN_SECONDS,
+                                             max_seconds).astype(np.float32) / 32768.0
+            except decode.AudioError as e:
                 results[i] = {"file": str(path), "error": str(e)}
                 continue
             except Exception as e:  # noqa: BLE001 - one bad file must not stop the rest

@@ -8,6 +8,7 @@ they render headless (Agg) and inside threads; `write_plots` saves them beside t
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,8 +17,12 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
+log = logging.getLogger(__name__)
+
 TABLE_METRICS = ("kl", "cosine", "chebyshev", "intersection", "accuracy", "ua", "macro_f1")
 GROUP_METRICS = ("kl", "cosine", "accuracy", "ua")
+# Per emotion dimension, in tables and beside the prior (the training mean: CCC 0).
+DIM_METRICS = ("ccc", "pearson", "mae")
 BASELINE_METRICS = ("cosine", "intersection", "accuracy", "ua", "macro_f1")
 DPI = 110
 
@@ -51,6 +56,26 @@ def overall_table(report: dict, metrics: Sequence[str] = TABLE_METRICS) -> str:
     return _grid(rows)
 
 
+def dimension_metric_names(report: dict) -> list[str]:
+    """ccc_/pearson_/mae_<dimension> of each of the model's dimensions, then the means and
+    macro_f1_ccc (empty for a model without a dimensional head)."""
+    names = ((report.get("dimensions") or {}).get("names")) or []
+    out = [f"{m}_{d}" for d in names for m in DIM_METRICS]
+    if names:
+        out += ["ccc_mean", "pearson_mean", "mae_mean", "macro_f1_ccc"]
+    return [m for m in out if m in report.get("metrics", {})]
+
+
+def dimension_note(report: dict) -> str:
+    """The scale the dimensional metrics are reported on, or '' without dimensions."""
+    dims = report.get("dimensions") or {}
+    if not dims.get("names"):
+        return ""
+    scales = ", ".join(f"{d} {lo:g}-{hi:g}" for d, (lo, hi) in dims["scale"].items())
+    return (f"emotion dimensions on the scale ({scales}); the prior predicts the training "
+            "mean (CCC 0); MAE on that scale")
+
+
 def group_table(report: dict, metrics: Sequence[str] = GROUP_METRICS) -> str:
     """One row per group value (gender=female, ...): count, then each metric with the
     prior baseline's value on the same examples in brackets."""
@@ -64,16 +89,31 @@ def group_table(report: dict, metrics: Sequence[str] = GROUP_METRICS) -> str:
     return _grid(rows) if len(rows) > 1 else "(no group columns in this dataset)"
 
 
+def tie_note(metrics: dict) -> str:
+    """How many rows had a tied target argmax and what the classification metrics did with
+    them (`jaxser.train.metrics` tie rules)."""
+    tied, rule = metrics.get("tied_targets", 0), metrics.get("tie_rule", "exclude")
+    what = {"exclude": "left out of", "any": "kept in (any tied class counts as right)",
+            "first": "kept in (first tied class is the truth)"}.get(rule, f"tie rule {rule}:")
+    return (f"{tied} utterances with a tied top target class {what} accuracy/UA/F1 "
+            f"(tie rule {rule!r}; {metrics.get('classification_count', '?')} classified)")
+
+
 def text_report(report: dict) -> str:
     """The whole evaluation as text: header, warnings, overall table, per-group table."""
     head = (f"{report['split']} split of {report['data_dir']}: checkpoint step "
             f"{report['checkpoint_step']}, {report['metrics']['count']} utterances, "
             f"{len(report['labels'])} classes")
-    parts = [head]
+    parts = [head, tie_note(report["metrics"])]
+    dim_names = dimension_metric_names(report)
+    if dim_names:
+        parts.append(dimension_note(report))
     parts += [f"WARNING: {w}" for w in report.get("warnings", [])]
     parts += ["", "overall (prior: the training mean distribution for every utterance; "
-                  "majority: its top class)", overall_table(report)]
-    parts += ["", "per group", group_table(report)]
+                  "majority: its top class)",
+              overall_table(report, (*TABLE_METRICS, *dim_names))]
+    group_metrics = (*GROUP_METRICS, *(["ccc_mean", "mae_mean"] if dim_names else []))
+    parts += ["", "per group", group_table(report, group_metrics)]
     if report.get("plots"):
         parts += ["", "plots:", *(f"  {path}" for path in report["plots"].values())]
     return "\n".join(parts)
@@ -91,8 +131,14 @@ def normalised_confusion(confusion) -> np.ndarray:
 
 
 def is_soft(predictions: Sequence[dict], tol: float = 1e-3) -> bool:
-    """True when some target is a distribution rather than one class."""
-    return any(max(row["target"].values()) < 1 - tol for row in predictions)
+    """True when some target is a distribution rather than one class (rows without a
+    category left out)."""
+    return any(max(row["target"].values()) < 1 - tol for row in labelled(predictions))
+
+
+def labelled(predictions: Sequence[dict]) -> list[dict]:
+    """The prediction rows with a category (`has_label` is false for dimensions only)."""
+    return [row for row in predictions if row.get("has_label", True)]
 
 
 def _matrix(predictions: Sequence[dict], key: str, labels: Sequence[str]) -> np.ndarray:
@@ -238,6 +284,31 @@ def baselines_figure(report: dict, metrics: Sequence[str] = BASELINE_METRICS) ->
     return fig
 
 
+def dims_scatter_figure(predictions: Sequence[dict], names: Sequence[str],
+                        scales: dict | None = None, metrics: dict | None = None) -> Figure:
+    """Predicted vs true value of each emotion dimension, one panel each, with the
+    identity line and the dimension's CCC / Pearson / MAE in the title."""
+    fig = Figure(figsize=(3.4 * max(len(names), 1), 3.4), dpi=DPI)
+    axes = np.atleast_1d(fig.subplots(1, max(len(names), 1), squeeze=False)[0])
+    for ax, name in zip(axes, names, strict=False):
+        pairs = [(row["dims_true"][name], row["dims"][name]) for row in predictions
+                 if row.get("dims_true", {}).get(name) is not None]
+        true = np.asarray([t for t, _ in pairs], np.float64)
+        pred = np.asarray([p for _, p in pairs], np.float64)
+        ax.scatter(true, pred, s=8, alpha=0.5, color="tab:blue", edgecolors="none")
+        lo, hi = (scales or {}).get(name, (np.min(true, initial=0), np.max(true, initial=1)))
+        ax.plot([lo, hi], [lo, hi], color="tab:red", lw=1, ls="--")
+        ax.set_xlim(lo, hi)
+        ax.set_xlabel(f"true {name}")
+        ax.set_ylabel(f"predicted {name}")
+        m = metrics or {}
+        ax.set_title(f"{name}: CCC {_fmt(m.get(f'ccc_{name}'))}, r "
+                     f"{_fmt(m.get(f'pearson_{name}'))}, MAE {_fmt(m.get(f'mae_{name}'))}"
+                     f" (n={len(pairs)})", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def timeline_figure(rows: Sequence[dict], labels: Sequence[str],
                     segments: Sequence[tuple[float, float, dict]] | None = None,
                     title: str = "emotion over time") -> Figure:
@@ -288,9 +359,12 @@ def write_plots(report: dict, predictions: Sequence[dict], out_dir: str | Path,
     """All plots of an evaluation as `out_dir/<split>_<name>.png`; {name: path}.
 
     Always: confusion, recall, baselines. With soft (distribution) targets also the
-    mean predicted vs true distribution and a few examples side by side.
+    mean predicted vs true distribution and a few examples side by side. With emotion
+    dimensions the scatter of predicted vs true values per dimension (`dims_scatter`).
     """
     labels = report["labels"]
+    dims = report.get("dimensions") or {}
+    categorical = labelled(predictions)
     confusion = report["metrics"]["confusion"]
     figures = {
         "confusion": lambda: confusion_figure(
@@ -298,8 +372,11 @@ def write_plots(report: dict, predictions: Sequence[dict], out_dir: str | Path,
         "recall": lambda: recall_figure(confusion, labels, f"{split}: per-class recall"),
         "baselines": lambda: baselines_figure(report),
     }
-    if predictions and is_soft(predictions):
-        figures["mean_distribution"] = lambda: mean_distribution_figure(predictions, labels)
-        figures["examples"] = lambda: examples_figure(predictions, labels)
+    if categorical and is_soft(categorical):
+        figures["mean_distribution"] = lambda: mean_distribution_figure(categorical, labels)
+        figures["examples"] = lambda: examples_figure(categorical, labels)
+    if dims.get("names") and predictions:
+        figures["dims_scatter"] = lambda: dims_scatter_figure(
+            predictions, dims["names"], dims.get("scale"), report["metrics"])
     return {name: str(save(make(), Path(out_dir) / f"{split}_{name}.png"))
             for name, make in figures.items()}

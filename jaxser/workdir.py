@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -12,6 +13,8 @@ from pathlib import Path
 import jax
 
 from jaxser.errors import JaxserError
+
+log = logging.getLogger(__name__)
 
 
 class WorkdirError(JaxserError):

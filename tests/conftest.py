@@ -7,6 +7,9 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# float32 parity tests (against PyTorch at 1e-4) need full-precision matmuls: on a GPU the
+# default for float32 is TF32. A no-op on CPU.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
@@ -40,3 +43,12 @@ def tiny_workdir(tmp_path_factory) -> Path:
             "--config.data.num_buckets=1", "--config.model.pooling=frame_logits"]))
         (root / "DONE").write_text("ok")
     return root
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A tiny prepared dataset (20 train / 5 validation / 5 test), built once a session for
+    the training tests (a test module may define its own `data_dir` instead)."""
+    from _worker import prepared_data
+
+    return prepared_data(tmp_path_factory)

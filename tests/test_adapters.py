@@ -223,7 +223,10 @@ def test_iemocap(tmp_path, caplog):
         "Ses01_M", "male", "hap", "exc",
     )  # fmt: skip
     assert (m0["valence"], m0["arousal"], m0["dominance"]) == ("4.0000", "3.5000", "3.0000")
-    assert (m0["start"], m0["end"]) == ("10.0100", "11.3925")
+    # the dialog times must not become start/end: those would cut the sentence wav
+    assert (m0["dialog_start"], m0["dialog_end"]) == ("10.0100", "11.3925")
+    assert "start" not in m0 and "end" not in m0
+    assert m0["dimension_scale"] == "1-5"
     assert rows["Ses01F_impro01_F001"]["label"] == "fru"
     scripted = rows["Ses02M_script01_1_M003"]
     assert (scripted["method"], scripted["label"], scripted["speaker"]) == (

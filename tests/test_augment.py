@@ -127,6 +127,30 @@ def test_speed_slowdown_clips_to_buffer():
     _assert_padding_zero(y, new_len)
 
 
+@pytest.mark.parametrize("length", [N, N - 300, 15000, 8000])
+def test_suite_slowdown_keeps_the_clip_whole(length):
+    """A slowed clip is never cut at its buffer's end (issue 19: up to 10% of the tail of a
+    clip filling its bucket was dropped). Reference: numpy linear interpolation at the
+    factor max(0.9, length / N), which ends on the clip's last sample."""
+    cfg = dataclasses.replace(ALL_OFF, speed_p=1.0, speed_range=(0.9, 0.9))
+    rng = np.random.default_rng(2)
+    x = np.zeros((1, N), np.float32)
+    x[0, :length] = rng.standard_normal(length)
+    x[0, length - 400:length] += 5.0  # a marker in the clip's last 400 samples
+    y, new_len = aug.augment_waveform(jax.random.key(0), jnp.asarray(x),
+                                      jnp.asarray([length], jnp.int32), cfg)
+    y, new_len = np.asarray(y[0], np.float64), int(new_len[0])
+    factor = max(0.9, length / N)
+    assert new_len == min(round(length / 0.9), N)
+    # positions as the device computes them, in float32
+    t = np.arange(new_len).astype(np.float32) * np.float32(factor)
+    expected = np.interp(t.astype(np.float64), np.arange(length), x[0, :length])
+    np.testing.assert_allclose(y[:new_len], expected, atol=1e-4)
+    assert (new_len - 1) * factor >= length - 1 - factor  # the output reaches the last sample
+    assert y[new_len - 300:new_len].mean() > 4.0  # the marker survived
+    assert np.all(y[new_len:] == 0.0)
+
+
 def _eq(x, lengths, freq, gain_db, q=1.0, kind=0):
     shape = (x.shape[0], 1)
     return aug.equalize(x, lengths, jnp.full(shape, freq), jnp.full(shape, gain_db),
@@ -139,6 +163,62 @@ def test_eq_identity_at_zero_gain(kind):
     y = _eq(x, lengths, 1000.0, 0.0, kind=kind)
     np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-4)
     _assert_padding_zero(y, lengths)
+
+
+def _rbj_shelf(kind: str, f0: float, gain_db: float, q: float, sr: int = SR):
+    """(b, a) of the RBJ Audio-EQ-Cookbook low / high shelf, transcribed for this test."""
+    amp = 10 ** (gain_db / 40)
+    w0 = 2 * np.pi * f0 / sr
+    cos, alpha = np.cos(w0), np.sin(w0) / (2 * q)
+    s = 2 * np.sqrt(amp) * alpha
+    if kind == "low":
+        b = [amp * ((amp + 1) - (amp - 1) * cos + s), 2 * amp * ((amp - 1) - (amp + 1) * cos),
+             amp * ((amp + 1) - (amp - 1) * cos - s)]
+        a = [(amp + 1) + (amp - 1) * cos + s, -2 * ((amp - 1) + (amp + 1) * cos),
+             (amp + 1) + (amp - 1) * cos - s]
+    else:
+        b = [amp * ((amp + 1) + (amp - 1) * cos + s), -2 * amp * ((amp - 1) + (amp + 1) * cos),
+             amp * ((amp + 1) + (amp - 1) * cos - s)]
+        a = [(amp + 1) - (amp - 1) * cos + s, 2 * ((amp - 1) - (amp + 1) * cos),
+             (amp + 1) - (amp - 1) * cos - s]
+    return np.asarray(b), np.asarray(a)
+
+
+@pytest.mark.parametrize("gain_db", [9.0, -7.0])
+def test_eq_shelves_match_scipy_and_boost_their_own_side(gain_db):
+    """Low shelf (kind 1) and high shelf (kind 2) with a nonzero gain against scipy.signal:
+    the reference coefficients have the shelf gain at DC (low) or Nyquist (high) and 0 dB at
+    the other end (freqz); jaxser's response equals freqz at the rfft bins and its output
+    equals lfilter; sines well below / above f0 move by the gain only on their shelf's side.
+    Swapping the two shelves fails every part."""
+    from scipy.signal import freqz, lfilter
+
+    f0, q = 1000.0, 0.707
+    x, lengths = _batch(1)
+    for kind, side in ((1, "low"), (2, "high")):
+        b, a = _rbj_shelf(side, f0, gain_db, q)
+        _, h = freqz(b, a, worN=[0.0, np.pi])
+        gain_at = 20 * np.log10(np.abs(h))  # [DC, Nyquist]
+        shelf, flat = (0, 1) if side == "low" else (1, 0)
+        assert gain_at[shelf] == pytest.approx(gain_db, abs=1e-9)
+        assert gain_at[flat] == pytest.approx(0.0, abs=1e-9)
+        fft_size, bins = 4096, 2049
+        ours = np.asarray(aug.biquad_response(
+                jnp.asarray(f0), jnp.asarray(gain_db), jnp.asarray(q), jnp.asarray(kind), SR,
+                bins, fft_size))
+        _, ref = freqz(b, a, worN=2 * np.pi * np.arange(bins) / fft_size)
+        np.testing.assert_allclose(ours, ref, rtol=2e-4, atol=2e-4)
+        y = np.asarray(_eq(x, lengths, f0, gain_db, q=q, kind=kind))
+        for i in range(B):
+            expected = lfilter(b, a, np.asarray(x[i, :LENGTHS[i]], np.float64))
+            np.testing.assert_allclose(y[i, :LENGTHS[i]], expected, atol=3e-4)
+        _assert_padding_zero(y, lengths)
+        for freq, on_shelf in ((100.0, side == "low"), (7000.0, side == "high")):
+            tone, lens = _sines(freq)
+            out = _eq(tone, lens, f0, gain_db, q=q, kind=kind)
+            mid = slice(2000, 14000)
+            moved = 20 * np.log10(_rms(out[0, mid]) / _rms(tone[0, mid]))
+            assert moved == pytest.approx(gain_db if on_shelf else 0.0, abs=0.35), (side, freq)
 
 
 @pytest.mark.parametrize("gain_db", [6.0, -6.0])

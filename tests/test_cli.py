@@ -45,4 +45,18 @@ def test_train_folds_dispatches_to_the_fold_driver(tmp_path, capsys):
                      "--manifest", str(tmp_path / "missing.csv"),
                      f"--config.workdir={tmp_path / 'w'}"])
     assert code == 1
-    assert "jaxser folds: error" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "jaxser train: error" in err and "missing.csv" in err  # The fold driver's prepare.
+
+
+def test_fold_options_need_folds(capsys):
+    assert cli.main(["train", "--config", "configs/demo.py:smoke", "--manifest", "m.csv"]) == 1
+    assert "--manifest: fold options, they need --folds K" in capsys.readouterr().err
+
+
+def test_train_help_lists_the_fold_and_multihost_options(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert all(flag in out for flag in ("--folds", "--manifest", "--split-format",
+                                        "--coordinator", "--num-processes"))

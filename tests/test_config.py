@@ -3,6 +3,9 @@
 import pytest
 
 from jaxser import config as config_lib
+from jaxser.configs import common
+from jaxser.configs import demo as demo_config
+from jaxser.models import ser_model
 
 DEMO = "configs/demo.py"
 
@@ -45,3 +48,23 @@ def test_json_round_trip():
     cfg = config_lib.load_config(DEMO)
     again = config_lib.config_from_json(config_lib.config_to_json(cfg))
     assert again.to_dict() == cfg.to_dict()
+
+
+def test_packaged_demo_config_is_the_file_one():
+    """`jaxser demo` (installed) and `--config configs/demo.py` train the same config."""
+    for variant in ("", "smoke"):
+        packaged = config_lib.make_config(demo_config.get_config, variant, ["--config.seed=3"])
+        spec = DEMO + (f":{variant}" if variant else "")
+        assert packaged.to_dict() == config_lib.load_config(spec, ["--config.seed=3"]).to_dict()
+
+
+def test_every_encoder_family_has_a_smoke_variant():
+    assert set(common.TINY_ENCODERS) == set(ser_model.ENCODER_FAMILIES)
+    for family in ser_model.ENCODER_FAMILIES:
+        c = config_lib.base_config()
+        c.model.encoder = family
+        c = common.smoke(c, "x")
+        assert c.workdir == "runs/x/smoke" and not c.model.pretrained and not c.model.size
+        assert c.model.encoder_overrides.to_dict() == common.TINY_ENCODERS[family]
+    with pytest.raises(ValueError, match="no tiny encoder"):
+        common.tiny_encoder("nope")

@@ -6,15 +6,17 @@ import math
 
 import pytest
 
+from jaxser import cli, evaluate, folds
 from jaxser import config as config_lib
 from jaxser.data import prepare, splits, synthetic
-from jaxser.train import optimizer
+from jaxser.train import loop, optimizer
 
 CONFIGS = {
     "em2ldl_hubert": ["", "smoke", "gender_female", "gender_male", "age_youth", "age_nonyouth",
                       "mbti_in", "mbti_is", "mbti_en", "mbti_es"],
     "whisper_soft_adv": ["", "smoke", "loco=ravdess"],
     "mll_eam_flam": ["", "smoke", "frozen"],
+    "msp_podcast": ["", "smoke", "categorical", "dimensional"],
 }
 
 
@@ -105,14 +107,10 @@ def _train_metrics(workdir):
 
 def _train(cfg) -> int:
     """Trains; returns the last step."""
-    from jaxser.train import loop
-
     return loop.train(cfg)["step"]
 
 
 def _evaluate(workdir):
-    from jaxser import evaluate
-
     report = evaluate.evaluate_workdir(workdir, "test")
     saved = json.loads((workdir / "eval" / "test.json").read_text())
     assert saved["metrics"]["count"] == report["metrics"]["count"] > 0
@@ -162,8 +160,6 @@ def test_mll_eam_flam_smoke(data_dirs, tmp_path):
 
 @pytest.mark.slow
 def test_kfold_driver(corpus, tmp_path, capsys):
-    from jaxser import folds
-
     summary = folds.run_folds(
         "configs/em2ldl_hubert.py:smoke",
         [f"--config.workdir={tmp_path / 'run'}", "--config.train.max_steps=1"], 2,
@@ -185,8 +181,6 @@ def test_kfold_driver(corpus, tmp_path, capsys):
 
 
 def test_fold_helpers(tmp_path):
-    from jaxser import folds
-
     assert folds.fold_split(folds.DEFAULT_SPLIT_FORMAT, 5, 2) == "kfold:5:2"
     assert folds.fold_split("logo:session=Ses0{fold1}", 5, 0) == "logo:session=Ses01"
     with pytest.raises(ValueError, match="split_format"):
@@ -199,4 +193,4 @@ def test_fold_helpers(tmp_path):
     with pytest.raises(FileNotFoundError, match="kfold:3:0"):
         folds.run_folds("configs/em2ldl_hubert.py:smoke", [f"--config.workdir={tmp_path}"], 3,
                         tmp_path / "missing")
-    assert folds.main(["--config", "configs/em2ldl_hubert.py:smoke", "--folds", "1"]) == 1
+    assert cli.main(["train", "--config", "configs/em2ldl_hubert.py:smoke", "--folds", "1"]) == 1

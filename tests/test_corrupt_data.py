@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from jaxser.data import pipeline, shards
+from jaxser.data import buckets, pipeline, records, shards
 
 K = 3
 SR = 100  # a tiny sample rate keeps the arrays small
@@ -78,17 +78,17 @@ def _ids(batch: dict) -> list[str]:
 
 
 class _Warnings:
-    """Collects the WARNING records of the pipeline logger."""
+    """Collects the WARNING records of the data loggers (pipeline, buckets, records)."""
 
     def __enter__(self):
         self.records: list[logging.LogRecord] = []
         self.handler = logging.Handler(logging.WARNING)
         self.handler.emit = self.records.append
-        logging.getLogger(pipeline.__name__).addHandler(self.handler)
+        logging.getLogger("jaxser.data").addHandler(self.handler)
         return self
 
     def __exit__(self, *exc):
-        logging.getLogger(pipeline.__name__).removeHandler(self.handler)
+        logging.getLogger("jaxser.data").removeHandler(self.handler)
 
     @property
     def skip(self) -> list[str]:
@@ -111,7 +111,7 @@ def _epoch_ids(its, steps: int) -> list[str]:
 
 def test_flipped_audio_byte_stops_naming_the_file_and_record(tmp_path):
     exs = _write(tmp_path)
-    index = shards.load_index(tmp_path, "train")
+    index = records.load_index(tmp_path, "train")
     row = int(index.first_of_shard()[1]) + 1  # record 1 of the second shard
     _flip_audio_byte(tmp_path, index, row, exs[row])
     with open(_shard_path(tmp_path, index, row), "rb") as f:  # Still parses: silent before.
@@ -123,32 +123,28 @@ def test_flipped_audio_byte_stops_naming_the_file_and_record(tmp_path):
                 "checksum mismatch")
     it = pipeline.train_iterator(str(tmp_path), "train", _cfg(), process_index=0,
                                  process_count=1)
-    with pytest.raises(pipeline.CorruptRecord) as err:
+    with pytest.raises(records.CorruptRecord) as err:
         for _ in range(it.steps_per_epoch):
             next(it)
     assert str(err.value).startswith(expected), err.value
-    with pytest.raises(pipeline.CorruptRecord, match="checksum mismatch"):
+    with pytest.raises(records.CorruptRecord, match="checksum mismatch") as failed:
         list(pipeline.eval_batches(str(tmp_path), "train", 4, _cfg(), process_index=0,
                                    process_count=1))
 
-    # The training loop's DataError shows it (first line of its message).
-    from ml_collections import ConfigDict
-
-    from jaxser.train import loop
-
-    cfg = ConfigDict({"data": {"dir": str(tmp_path), "train_split": "train"}})
-    it = pipeline.train_iterator(str(tmp_path), "train", _cfg(), process_index=0,
-                                 process_count=1)
-    with pytest.raises(loop.DataError) as err:
-        for step in range(1, it.steps_per_epoch + 1):
-            loop._next_batch(it, cfg, step)
-    assert f"CorruptRecord: {expected}" in str(err.value), err.value
+    # The DataError the training loop raises for it shows it (first line of its message)
+    # and names the damaged shard.
+    error = records.read_failure(str(tmp_path), "train", "the batch of step 3", failed.value)
+    assert isinstance(error, records.DataError)
+    message = str(error)
+    assert message.startswith("reading the batch of step 3 of split 'train'"), message
+    assert f"CorruptRecord: {expected}" in message, message
+    assert f"damaged shard(s): {_shard_path(tmp_path, index, row)} (" in message, message
 
 
 def test_unparsable_record_with_a_good_checksum_is_named(tmp_path):
     """A record whose bytes match the index but are no Example (a foreign writer's bug)."""
     _write(tmp_path, 12)
-    index = shards.load_index(tmp_path, "train")
+    index = records.load_index(tmp_path, "train")
     row = 5
     with open(_shard_path(tmp_path, index, row), "r+b") as f:
         f.seek(int(index.offset[row]))
@@ -160,7 +156,7 @@ def test_unparsable_record_with_a_good_checksum_is_named(tmp_path):
     np.savez(path, **z)
     batches = pipeline.eval_batches(str(tmp_path), "train", 2, _cfg(), process_index=0,
                                     process_count=1)
-    with pytest.raises(pipeline.CorruptRecord) as err:
+    with pytest.raises(records.CorruptRecord) as err:
         list(batches)
     message = str(err.value)
     assert message.startswith(f"{_shard_path(tmp_path, index, row)}: record "
@@ -171,14 +167,14 @@ def test_unparsable_record_with_a_good_checksum_is_named(tmp_path):
 @pytest.mark.parametrize("damage", ["truncated", "missing"])
 def test_truncated_or_missing_shard_stops_at_start(tmp_path, damage):
     _write(tmp_path)
-    index = shards.load_index(tmp_path, "train")
+    index = records.load_index(tmp_path, "train")
     path = os.path.join(tmp_path, index.files[1])
     if damage == "missing":
         os.remove(path)
     else:
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) - 30)
-    with pytest.raises(pipeline.CorruptRecord) as err:
+    with pytest.raises(records.CorruptRecord) as err:
         pipeline.train_iterator(str(tmp_path), "train", _cfg(), process_index=0,
                                 process_count=1)
     message = str(err.value)
@@ -190,10 +186,10 @@ def test_truncated_or_missing_shard_stops_at_start(tmp_path, damage):
 def test_scanned_index_with_damage_stops_naming_it(tmp_path):
     """No index file and a damaged shard: the scan leaves the record out and says so."""
     exs = _write(tmp_path, json_counts=False)
-    index = shards.load_index(tmp_path, "train")
+    index = records.load_index(tmp_path, "train")
     _flip_audio_byte(tmp_path, index, 3, exs[3])
     os.remove(tmp_path / shards.index_name("train"))
-    with pytest.raises(pipeline.CorruptRecord) as err:
+    with pytest.raises(records.CorruptRecord) as err:
         pipeline.train_iterator(str(tmp_path), "train", _cfg(), process_index=0,
                                 process_count=1)
     where = (f"{index.files[int(index.shard[3])]}: record {_record_in_shard(index, 3)} "
@@ -208,7 +204,7 @@ def test_scanned_index_with_damage_stops_naming_it(tmp_path):
 
 def test_skip_drops_exactly_the_damaged_records_the_same_on_two_hosts(tmp_path):
     exs = _write(tmp_path, 40)
-    index = shards.load_index(tmp_path, "train")
+    index = records.load_index(tmp_path, "train")
     first = index.first_of_shard()
     bad_rows = [int(first[0]), int(first[0]) + 2, int(first[2]) + 1]
     for row in bad_rows:
@@ -217,7 +213,7 @@ def test_skip_drops_exactly_the_damaged_records_the_same_on_two_hosts(tmp_path):
     with _Warnings() as w:
         its = []
         for host in range(2):  # Each host is its own process: nothing memoised between them.
-            pipeline._DAMAGED.clear()
+            records.clear_cache()
             its.append(pipeline.train_iterator(str(tmp_path), "train", cfg,
                                                process_index=host, process_count=2))
         steps = pipeline.epoch_steps(str(tmp_path), "train", cfg, 2)  # Memoised: no warning.
@@ -233,7 +229,7 @@ def test_skip_drops_exactly_the_damaged_records_the_same_on_two_hosts(tmp_path):
     assert sorted(set(range(40)) - set(src0.ids.tolist())) == bad_rows
     assert steps == its[0].steps_per_epoch == its[1].steps_per_epoch
     for epoch in range(2):
-        for f in dataclasses.fields(pipeline._Plan):
+        for f in dataclasses.fields(buckets.Plan):
             np.testing.assert_array_equal(getattr(src0.plan(epoch), f.name),
                                           getattr(src1.plan(epoch), f.name))
         seen = _epoch_ids(its, steps)
@@ -244,7 +240,7 @@ def test_skip_drops_exactly_the_damaged_records_the_same_on_two_hosts(tmp_path):
 @pytest.mark.parametrize("with_index", [True, False])
 def test_skip_a_truncated_shard(tmp_path, with_index):
     _write(tmp_path, 30)
-    index = shards.load_index(tmp_path, "train")
+    index = records.load_index(tmp_path, "train")
     last = len(index.files) - 1
     rows = np.flatnonzero(index.shard == last)
     assert rows.size >= 3
@@ -254,10 +250,10 @@ def test_skip_a_truncated_shard(tmp_path, with_index):
         f.truncate(cut)
     if not with_index:
         os.remove(tmp_path / shards.index_name("train"))
-    with pytest.raises(pipeline.CorruptRecord, match=index.files[last]):
+    with pytest.raises(records.CorruptRecord, match=index.files[last]):
         pipeline.train_iterator(str(tmp_path), "train", _cfg(), process_index=0,
                                 process_count=1)
-    pipeline._DAMAGED.clear()
+    records.clear_cache()
     cfg = _cfg(skip_corrupt=True, batch_seconds=8.0)
     with _Warnings() as w:
         its = [pipeline.train_iterator(str(tmp_path), "train", cfg, process_index=h,
@@ -276,7 +272,7 @@ def test_skip_a_truncated_shard(tmp_path, with_index):
 
 def test_skip_evaluation_and_a_missing_shard(tmp_path):
     _write(tmp_path, 30)
-    index = shards.load_index(tmp_path, "train")
+    index = records.load_index(tmp_path, "train")
     os.remove(os.path.join(tmp_path, index.files[1]))
     gone = int(np.sum(index.shard == 1))
     with _Warnings() as w:
@@ -305,7 +301,7 @@ def test_skip_with_nothing_damaged_is_silent_and_changes_nothing(tmp_path):
 
 def test_skip_when_every_record_is_damaged_still_stops(tmp_path):
     exs = _write(tmp_path, 6)
-    index = shards.load_index(tmp_path, "train")
+    index = records.load_index(tmp_path, "train")
     for row in range(6):
         _flip_audio_byte(tmp_path, index, row, exs[row])
     with pytest.raises(ValueError, match="no intact examples"):
@@ -317,17 +313,17 @@ def test_skip_when_every_record_is_damaged_still_stops(tmp_path):
 # Through the training loop
 
 
-def test_training_skips_a_damaged_record_when_asked(tmp_path_factory, tmp_path):
+def test_training_skips_a_damaged_record_when_asked(data_dir, tmp_path):
     """`data.skip_corrupt=True`: training runs on 19 of the 20 examples and says so."""
     import shutil
 
-    from _worker import load_cfg, prepared_data
+    from _worker import load_cfg
 
     from jaxser.train import loop
 
     data = tmp_path / "data"
-    shutil.copytree(prepared_data(tmp_path_factory), data)
-    index = shards.load_index(data, "train")
+    shutil.copytree(data_dir, data)
+    index = records.load_index(data, "train")
     row = 4
     with open(_shard_path(data, index, row), "r+b") as f:  # A byte in the middle of the audio.
         at = int(index.offset[row]) + int(index.nbytes[row]) // 2

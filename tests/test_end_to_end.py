@@ -9,21 +9,10 @@ import pytest
 
 from jaxser import cli
 from jaxser import config as config_lib
-from jaxser.data import prepare, synthetic
 from jaxser.train import loop
 from jaxser.train.checkpoint import Checkpoints
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    manifest = synthetic.generate_corpus(root / "corpus", num_speakers=6,
-                                         utterances_per_speaker=5, seed=1)
-    prepare.prepare([manifest], root / "data", split="speaker:60/20/20", workers=0,
-                    progress=False)
-    return root / "data"
 
 
 def _cfg(workdir, data_dir, *extra):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from _worker import load_cfg, prepared_data, train_metrics
+from _worker import load_cfg, train_metrics
 
 from jaxser import config as config_lib
 from jaxser.train import loop
@@ -22,11 +22,6 @@ MESHES = {
     "fsdp_2x4": ((2, 4, 1), (4, 1)),
     "data_4x_tensor_2": ((4, 1, 2), (1, 2)),
 }
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return prepared_data(tmp_path_factory)
 
 
 def _fc1(params):
@@ -114,3 +109,9 @@ def test_frozen_parameters_train_only_after_unfreeze_after():
     np.testing.assert_array_equal(conv[0], conv[2])
     assert not np.array_equal(conv[2], conv[3])  # ... and trained from step 3 on.
     assert all(not np.array_equal(a, b) for a, b in zip(fc1, fc1[1:], strict=False))
+
+
+def test_log_evaluate_and_save_are_due_at_each_multiple_and_at_the_last_step():
+    assert [s for s in range(1, 8) if loop.due(s, 3, 7)] == [3, 6, 7]
+    assert [s for s in range(1, 7) if loop.due(s, 3, 6)] == [3, 6]
+    assert all(loop.due(s, 1, 5) for s in range(1, 6))

@@ -21,23 +21,16 @@ slow = pytest.mark.slow  # Tests that need the trained workdir.
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-
-
 @pytest.fixture(scope="module")
-def root(tiny_workdir):
-    return tiny_workdir
-
-
-@pytest.fixture(scope="module")
-def report(root):
-    return evaluate.evaluate_workdir(root / "train", "test")
+def report(tiny_workdir):
+    return evaluate.evaluate_workdir(tiny_workdir / "train", "test")
 
 
 @slow
-def test_report_json(root, report):
-    saved = json.loads((root / "train" / "eval" / "test.json").read_text())
+def test_report_json(tiny_workdir, report):
+    saved = json.loads((tiny_workdir / "train" / "eval" / "test.json").read_text())
     assert saved["checkpoint_step"] == report["checkpoint_step"] == 2
-    info = json.loads((root / "data" / "dataset.json").read_text())
+    info = json.loads((tiny_workdir / "data" / "dataset.json").read_text())
     assert saved["count"] == saved["metrics"]["count"] == info["splits"]["test"]["count"]
     for key in ("kl", "cosine", "chebyshev", "clark", "canberra", "intersection", "accuracy",
                 "ua", "macro_f1", "micro_f1", "weighted_f1"):
@@ -54,9 +47,9 @@ def test_report_json(root, report):
 
 
 @slow
-def test_predictions_jsonl(root, report):
+def test_predictions_jsonl(tiny_workdir, report):
     rows = [json.loads(line) for line in
-            (root / "train" / "eval" / "test_predictions.jsonl").read_text().splitlines()]
+            (tiny_workdir / "train" / "eval" / "test_predictions.jsonl").read_text().splitlines()]
     assert len(rows) == report["count"]
     for row in rows:
         assert abs(sum(row["prediction"].values()) - 1) < 1e-4
@@ -65,11 +58,11 @@ def test_predictions_jsonl(root, report):
 
 
 @slow
-def test_plots_written(root, report):
+def test_plots_written(tiny_workdir, report):
     names = {"confusion", "recall", "baselines", "mean_distribution", "examples"}
     assert set(report["plots"]) == names
     for name, path in report["plots"].items():
-        assert Path(path) == root / "train" / "eval" / f"test_{name}.png"
+        assert Path(path) == tiny_workdir / "train" / "eval" / f"test_{name}.png"
         assert Path(path).read_bytes()[:8] == PNG_MAGIC
 
 
@@ -85,35 +78,36 @@ def test_text_tables(report):
 
 
 @slow
-def test_checkpoint_choice(root):
-    latest = evaluate.evaluate_workdir(root / "train", "validation", "latest", plots=False)
-    by_step = evaluate.evaluate_workdir(root / "train", "validation", "2", plots=False)
+def test_checkpoint_choice(tiny_workdir):
+    latest = evaluate.evaluate_workdir(tiny_workdir / "train", "validation", "latest", plots=False)
+    by_step = evaluate.evaluate_workdir(tiny_workdir / "train", "validation", "2", plots=False)
     assert latest["checkpoint_step"] == by_step["checkpoint_step"] == 2
     assert latest["metrics"]["kl"] == pytest.approx(by_step["metrics"]["kl"], abs=1e-9)
     with pytest.raises(ValueError, match="checkpoint must be"):
-        evaluate.evaluate_workdir(root / "train", "test", "newest")
+        evaluate.evaluate_workdir(tiny_workdir / "train", "test", "newest")
     with pytest.raises(FileNotFoundError):
-        evaluate.evaluate_workdir(root / "train", "test", "7")
+        evaluate.evaluate_workdir(tiny_workdir / "train", "test", "7")
     with pytest.raises(ValueError, match="split 'dev' not in"):
-        evaluate.evaluate_workdir(root / "train", "dev")
+        evaluate.evaluate_workdir(tiny_workdir / "train", "dev")
 
 
 @slow
-def test_other_dataset_same_labels_other_order(root, report, tmp_path):
+def test_other_dataset_same_labels_other_order(tiny_workdir, report, tmp_path):
     """A dataset prepared with a taxonomy listing the same classes in another order."""
     labels = report["labels"]
     taxonomy = tmp_path / "reversed.json"
     taxonomy.write_text(json.dumps({"name": "reversed", "classes": labels[::-1]}))
     other = tmp_path / "data_reversed"
-    prepare.prepare([root / "corpus" / "manifest.csv"], other, taxonomy=str(taxonomy),
+    prepare.prepare([tiny_workdir / "corpus" / "manifest.csv"], other, taxonomy=str(taxonomy),
                     split="speaker:60/20/20", workers=0, progress=False)
     assert json.loads((other / "dataset.json").read_text())["labels"] == labels[::-1]
-    cross = evaluate.evaluate_workdir(root / "train", "test", data_dir=str(other))
+    cross = evaluate.evaluate_workdir(tiny_workdir / "train", "test", data_dir=str(other))
     assert cross["cross_corpus"] and cross["data_dir"] == str(other)
-    saved = json.loads((root / "train" / "eval" / "data_reversed" / "test.json").read_text())
+    eval_dir = tiny_workdir / "train" / "eval"
+    saved = json.loads((eval_dir / "data_reversed" / "test.json").read_text())
     assert saved["data_dir"] == str(other) and Path(saved["plots"]["confusion"]).exists()
-    assert json.loads((root / "train" / "eval" / "test.json").read_text())["data_dir"] == str(
-        root / "data")  # The in-domain report is kept.
+    in_domain = json.loads((eval_dir / "test.json").read_text())
+    assert in_domain["data_dir"] == str(tiny_workdir / "data")  # The in-domain report is kept.
     assert cross["labels"] == labels
     for key in ("kl", "cosine", "accuracy", "ua"):
         assert cross["metrics"][key] == pytest.approx(report["metrics"][key], abs=1e-6)
@@ -121,18 +115,18 @@ def test_other_dataset_same_labels_other_order(root, report, tmp_path):
 
 
 @slow
-def test_other_dataset_different_labels_is_an_error(root, tmp_path):
+def test_other_dataset_different_labels_is_an_error(tiny_workdir, tmp_path):
     other = tmp_path / "data_basic"
-    prepare.prepare([root / "corpus" / "manifest.csv"], other, taxonomy="basic",
+    prepare.prepare([tiny_workdir / "corpus" / "manifest.csv"], other, taxonomy="basic",
                     split="speaker:60/20/20", workers=0, progress=False)
     with pytest.raises(ValueError, match="labels differ from the model's"):
-        evaluate.evaluate_workdir(root / "train", "test", data_dir=str(other))
+        evaluate.evaluate_workdir(tiny_workdir / "train", "test", data_dir=str(other))
 
 
 @slow
-def test_speaker_overlap_is_reported(root, tmp_path, caplog):
+def test_speaker_overlap_is_reported(tiny_workdir, tmp_path, caplog):
     leaky = tmp_path / "leaky"
-    shutil.copytree(root / "data", leaky)
+    shutil.copytree(tiny_workdir / "data", leaky)
     info = json.loads((leaky / "dataset.json").read_text())
     speaker = info["splits"]["test"]["speakers"][0]
     info["speaker_overlap"] = {"pairs": {"train/test": [speaker]}, "allowed": True}
@@ -141,7 +135,7 @@ def test_speaker_overlap_is_reported(root, tmp_path, caplog):
         logger = __import__("logging").getLogger("jaxser")
         logger.addHandler(caplog.handler)
         try:
-            leak = evaluate.evaluate_workdir(root / "train", "test", data_dir=str(leaky),
+            leak = evaluate.evaluate_workdir(tiny_workdir / "train", "test", data_dir=str(leaky),
                                              plots=False)
         finally:
             logger.removeHandler(caplog.handler)

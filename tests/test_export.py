@@ -10,17 +10,10 @@ import pytest
 
 from jaxser import export
 from jaxser.data import synthetic
-from jaxser.evaluate import load_for_inference
 from jaxser.predict import Predictor
+from jaxser.train.experiment import load_for_inference
 
 pytestmark = pytest.mark.slow
-
-
-
-
-@pytest.fixture(scope="module")
-def root(tiny_workdir):
-    return tiny_workdir
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +32,14 @@ def batch():
 
 
 @pytest.fixture(scope="module")
-def reference(root, batch):
-    return Predictor.load(root / "train").probabilities(batch[0])
+def reference(tiny_workdir, batch):
+    return Predictor.load(tiny_workdir / "train").probabilities(batch[0])
 
 
-def test_savedmodel_matches_jaxser(root, batch, reference, tmp_path):
+def test_savedmodel_matches_jaxser(tiny_workdir, batch, reference, tmp_path):
     import tensorflow as tf
 
-    out = export.export_savedmodel(root / "train", tmp_path / "saved")
+    out = export.export_savedmodel(tiny_workdir / "train", tmp_path / "saved")
     assert (out / "saved_model.pb").exists()
     meta = json.loads((out / export.METADATA).read_text())
     assert meta["checkpoint_step"] == 2 and meta["max_seconds"] == 30.0
@@ -65,24 +58,24 @@ def test_savedmodel_matches_jaxser(root, batch, reference, tmp_path):
     np.testing.assert_allclose(one[0], reference["probs"][1], atol=1e-4)
 
 
-def test_stablehlo_matches_jaxser(root, batch, reference, tmp_path):
-    out = export.export_stablehlo(root / "train", tmp_path / "shlo")
+def test_stablehlo_matches_jaxser(tiny_workdir, batch, reference, tmp_path):
+    out = export.export_stablehlo(tiny_workdir / "train", tmp_path / "shlo")
     model = export.load_stablehlo(out)
     _, audio, lengths = batch
     np.testing.assert_allclose(model(audio, lengths), reference["probs"], atol=1e-4)
     assert model.labels == json.loads((out / export.METADATA).read_text())["labels"]
 
 
-def test_export_encoder(root, tmp_path):
+def test_export_encoder(tiny_workdir, tmp_path):
     import transformers
 
     from jaxser.models.pretrained import load_pretrained
 
-    out = export.export_encoder(root / "train", tmp_path / "hf")
+    out = export.export_encoder(tiny_workdir / "train", tmp_path / "hf")
     assert (out / "model.safetensors").exists()
     assert transformers.AutoConfig.from_pretrained(out).model_type == "whisper"
     family, cfg, params = load_pretrained(out)
-    exp, trained, _, _ = load_for_inference(root / "train")
+    exp, trained, _, _ = load_for_inference(tiny_workdir / "train")
     assert family == "whisper" and cfg.d_model == exp.enc_cfg.d_model
     expected = jax.device_get(trained["model"]["encoder"])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b)),

@@ -7,35 +7,39 @@ Tiny random checkpoints are written with `save_pretrained` and read back with
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from _wav2vec2_family import (
+    LENGTHS,
+    TINY,
+    apply,
+    assert_bf16_close_and_remat_exact,
+    assert_hidden_close,
+    assert_padding_invariant,
+    assert_sharded,
+    batch,
+    padding_leak,
+    random_params,
+    torch_hidden,
+)
 from safetensors.numpy import load_file, save_file
 
-from jaxser.models.hubert import (
-    HUBERT_SIZES,
-    HubertConfig,
-    HubertEncoder,
-    WeightNormConv,
+from jaxser.constants import SAMPLE_RATE
+from jaxser.models.convert import params_from_torch, params_to_torch
+from jaxser.models.frontend import WeightNormConv, _masked_instance_norm, normalize_waveform
+from jaxser.models.wav2vec2 import Wav2Vec2Encoder
+from jaxser.models.wav2vec2_config import (
+    WAV2VEC2_SIZES,
+    Wav2Vec2Config,
     feature_lengths,
     frame_mask,
-    normalize_waveform,
-    param_shapes,
-    params_from_torch,
-    params_to_torch,
 )
-
-TINY = dict(
-        hidden_size=32, num_hidden_layers=2, intermediate_size=37, conv_dim=(32, 32, 32),
-        conv_stride=(5, 2, 2), conv_kernel=(10, 3, 3), num_conv_pos_embedding_groups=4)
-LENGTHS = (5200, 3100, 4432)  # samples: ~0.2-0.33 s at 16 kHz, 259 frames at most.
 
 # name: (family, large-style, HF class, heads, pos-conv kernel, feat_proj_layer_norm)
 CASES = {
@@ -82,95 +86,47 @@ def ckpt(request, tmp_path_factory) -> Checkpoint:
     return _make_checkpoint(request.param, tmp_path_factory.mktemp(request.param))
 
 
-def _batch(seed: int = 0, pad_noise: bool = False):
-    """Padded audio [3, max] with a mask; padding is zero or (pad_noise) random garbage."""
-    rng = np.random.default_rng(seed)
-    audio = rng.standard_normal((len(LENGTHS), max(LENGTHS))).astype(np.float32)
-    mask = np.arange(max(LENGTHS))[None, :] < np.array(LENGTHS)[:, None]
-    if not pad_noise:
-        audio = np.where(mask, audio, 0.0).astype(np.float32)
-    return audio, mask
-
-
-def _torch_hidden(base, audio, mask=None) -> list[np.ndarray]:
-    """HF hidden states as jaxser defines them: hidden_states[:-1] + [last_hidden_state]."""
-    with torch.no_grad():
-        out = base(torch.from_numpy(audio),
-                   attention_mask=None if mask is None else torch.from_numpy(mask.astype(np.int64)),
-                   output_hidden_states=True)
-    if not base.config.do_stable_layer_norm:  # Post-LN: HF's last entry already is the output.
-        np.testing.assert_array_equal(out.hidden_states[-1].numpy(), out.last_hidden_state.numpy())
-    return [h.numpy() for h in out.hidden_states[:-1]] + [out.last_hidden_state.numpy()]
-
-
-@functools.cache
-def _jitted_apply(config):
-    return jax.jit(HubertEncoder(config).apply)
-
-
-def _apply(config, params, audio, mask=None):
-    return _jitted_apply(config)({"params": params}, audio, mask)
-
-
-def _init(config, seed):
-    """Random params from the abstract tree (compiling `init` would cost seconds per test)."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, shape):
-        name = path[-1].key
-        value = rng.normal(0.0, 0.2, shape.shape)
-        return (value + 1.0 if name in ("scale", "weight_g") else value).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, param_shapes(config))
-
-
-def _assert_hidden_close(ours, ref, atol=1e-4):
-    assert len(ours) == len(ref)
-    for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
-        np.testing.assert_allclose(np.asarray(a), b, atol=atol, rtol=0, err_msg=f"hidden {i}")
-
-
 def test_matches_transformers_padded_batch(ckpt):
     # Group-norm models: masked_group_norm=False is HF's computation (stats over padding).
-    config = HubertConfig.from_hf(ckpt.hf_config, masked_group_norm=False)
+    config = Wav2Vec2Config.from_hf(ckpt.hf_config, masked_group_norm=False)
     params = params_from_torch(ckpt.state, config)
-    audio, mask = _batch()
-    out = _apply(config, params, audio, mask)
-    _assert_hidden_close(out.hidden_states, _torch_hidden(ckpt.base, audio, mask))
+    audio, mask = batch()
+    out = apply(config, params, audio, mask)
+    assert_hidden_close(out.hidden_states, torch_hidden(ckpt.base, audio, mask))
     hf_mask = ckpt.base._get_feature_vector_attention_mask(
             out.mask.shape[1], torch.from_numpy(mask.astype(np.int64)))
     np.testing.assert_array_equal(np.asarray(out.mask), hf_mask.numpy())
     if config.feat_extract_norm == "layer":  # Layer-norm models: the default is HF exact too.
-        out = _apply(dataclasses.replace(config, masked_group_norm=True), params, audio, mask)
-        _assert_hidden_close(out.hidden_states, _torch_hidden(ckpt.base, audio, mask))
+        out = apply(dataclasses.replace(config, masked_group_norm=True), params, audio, mask)
+        assert_hidden_close(out.hidden_states, torch_hidden(ckpt.base, audio, mask))
 
 
 def test_matches_transformers_unpadded(ckpt):
     # Each utterance alone, no mask, jaxser's default masked_group_norm=True.
-    config = HubertConfig.from_hf(ckpt.hf_config)
+    config = Wav2Vec2Config.from_hf(ckpt.hf_config)
     params = params_from_torch(ckpt.state, config)
-    audio, _ = _batch()
+    audio, _ = batch()
     one = audio[1:2, :LENGTHS[1]]
-    out = _apply(config, params, one)
-    _assert_hidden_close(out.hidden_states, _torch_hidden(ckpt.base, one))
+    out = apply(config, params, one)
+    assert_hidden_close(out.hidden_states, torch_hidden(ckpt.base, one))
     assert bool(np.all(np.asarray(out.mask)))
 
 
 def test_params_to_torch_round_trip(ckpt, tmp_path):
-    config = HubertConfig.from_hf(ckpt.hf_config, masked_group_norm=False)
+    config = Wav2Vec2Config.from_hf(ckpt.hf_config, masked_group_norm=False)
     params = params_from_torch(ckpt.state, config)
     exported = params_to_torch(params, config)
     fresh = _HF_MODELS[config.family](_HF_CONFIGS[config.family](**config.to_hf())).eval()
     fresh.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
-    audio, mask = _batch()
-    _assert_hidden_close(_torch_hidden(fresh, audio, mask), _torch_hidden(ckpt.base, audio, mask),
+    audio, mask = batch()
+    assert_hidden_close(torch_hidden(fresh, audio, mask), torch_hidden(ckpt.base, audio, mask),
                          atol=1e-6)
     # A save_pretrained-style folder (config.json + model.safetensors) loads in transformers.
     save_file(exported, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     (tmp_path / "config.json").write_text(json.dumps(config.to_hf()))
     loaded = transformers.AutoModel.from_pretrained(tmp_path).eval()
     assert type(loaded) is _HF_MODELS[config.family]
-    _assert_hidden_close(_torch_hidden(loaded, audio, mask), _torch_hidden(ckpt.base, audio, mask),
+    assert_hidden_close(torch_hidden(loaded, audio, mask), torch_hidden(ckpt.base, audio, mask),
                          atol=1e-6)
     # And the conversion is lossless both ways.
     again = params_from_torch(exported, config)
@@ -178,7 +134,7 @@ def test_params_to_torch_round_trip(ckpt, tmp_path):
 
 
 def test_old_weight_norm_key_names(ckpt):
-    config = HubertConfig.from_hf(ckpt.hf_config)
+    config = Wav2Vec2Config.from_hf(ckpt.hf_config)
     renamed = {k.replace("parametrizations.weight.original0", "weight_g")
                .replace("parametrizations.weight.original1", "weight_v"): v
                for k, v in ckpt.state.items()}
@@ -199,41 +155,20 @@ def test_old_weight_norm_key_names(ckpt):
                                rtol=1e-5, atol=1e-7)
 
 
-def _pool(hidden, mask):
-    m = np.asarray(mask)[..., None].astype(np.float32)
-    return (np.asarray(hidden) * m).sum(1) / m.sum(1)
-
-
 @pytest.mark.parametrize("large", [False, True])
 def test_padding_invariance(large):
-    config = HubertConfig(num_attention_heads=4, num_conv_pos_embeddings=16, **TINY,
-                          feat_extract_norm="layer" if large else "group",
-                          do_stable_layer_norm=large, conv_bias=large)
-    audio, mask = _batch(seed=1, pad_noise=True)
-    params = _init(config, 0)
-    batched = _apply(config, params, audio, mask)
-    for i in (1, 2):  # Utterance 0 is the longest: unpadded in the batch.
-        n = LENGTHS[i]
-        alone = _apply(config, params, audio[i:i + 1, :n])
-        frames = alone.mask.shape[1]
-        assert int(batched.mask[i].sum()) == frames
-        for a, b in zip(batched.hidden_states, alone.hidden_states, strict=True):
-            np.testing.assert_allclose(np.asarray(a[i, :frames]), np.asarray(b[0]), atol=1e-4)
-        np.testing.assert_allclose(
-                _pool(batched.hidden_states[-1][i:i + 1], batched.mask[i:i + 1]),
-                _pool(alone.hidden_states[-1], alone.mask), atol=1e-4)
+    config = Wav2Vec2Config(num_attention_heads=4, num_conv_pos_embeddings=16, **TINY,
+                            feat_extract_norm="layer" if large else "group",
+                            do_stable_layer_norm=large, conv_bias=large)
+    params = random_params(config, 0)
+    assert_padding_invariant(config, params)
     if not large:  # HF's group norm (stats over the padding) is not invariant: the known bug.
-        hf_like = dataclasses.replace(config, masked_group_norm=False)
-        batched = _apply(hf_like, params, audio, mask)
-        alone = _apply(hf_like, params, audio[1:2, :LENGTHS[1]])
-        diff = np.abs(_pool(batched.hidden_states[-1][1:2], batched.mask[1:2])
-                      - _pool(alone.hidden_states[-1], alone.mask)).max()
-        assert diff > 1e-3
+        assert padding_leak(dataclasses.replace(config, masked_group_norm=False), params) > 1e-3
 
 
 def test_feature_lengths_and_mask_match_transformers():
     hf = transformers.HubertModel(transformers.HubertConfig(**TINY, num_attention_heads=4))
-    config = HubertConfig(**TINY, num_attention_heads=4)
+    config = Wav2Vec2Config(**TINY, num_attention_heads=4)
     lengths = np.concatenate([np.arange(0, 2000), np.random.default_rng(0).integers(0, 10**6, 500)])
     expected = hf._get_feat_extract_output_lengths(torch.from_numpy(lengths)).numpy()
     np.testing.assert_array_equal(feature_lengths(config, lengths), expected)
@@ -241,8 +176,8 @@ def test_feature_lengths_and_mask_match_transformers():
             jnp.asarray(lengths))), expected)
     assert [feature_lengths(config, int(n)) for n in lengths[:50]] == list(expected[:50])
     for name in ("hubert-base", "wav2vec2-large-lv60"):  # The real 7-layer stack: 320x, rf 400.
-        real = HUBERT_SIZES[name]
-        assert feature_lengths(real, 16000) == 49 and feature_lengths(real, 400) == 1
+        real = WAV2VEC2_SIZES[name]
+        assert feature_lengths(real, SAMPLE_RATE) == 49 and feature_lengths(real, 400) == 1
     # The frame mask equals HF's for every length that gives at least one frame.
     valid = np.arange(40, 1400, 7)  # 40 samples: the receptive field
     audio_mask = np.arange(1400)[None, :] < valid[:, None]
@@ -257,7 +192,7 @@ def test_normalize_waveform_matches_feature_extractor():
     waves = [rng.standard_normal(n).astype(np.float32) * 0.3 + 0.1 for n in (900, 1500, 1200)]
     extractor = transformers.Wav2Vec2FeatureExtractor(do_normalize=True,
                                                       return_attention_mask=True)
-    ref = extractor(waves, sampling_rate=16000, padding=True, return_tensors="np")
+    ref = extractor(waves, sampling_rate=SAMPLE_RATE, padding=True, return_tensors="np")
     padded = np.zeros((3, 1500), np.float32)
     for i, w in enumerate(waves):
         padded[i, :len(w)] = w
@@ -267,7 +202,7 @@ def test_normalize_waveform_matches_feature_extractor():
 
 
 def test_conversion_errors_list_every_problem(ckpt):
-    config = HubertConfig.from_hf(ckpt.hf_config)
+    config = Wav2Vec2Config.from_hf(ckpt.hf_config)
     state = dict(ckpt.state)
     prefix = "hubert." if any(k.startswith("hubert.") for k in state) else (
             "wav2vec2." if any(k.startswith("wav2vec2.") for k in state) else "")
@@ -287,56 +222,38 @@ def test_conversion_errors_list_every_problem(ckpt):
 
 
 def test_config_round_trip_and_validation():
-    for name, config in HUBERT_SIZES.items():
+    for name, config in WAV2VEC2_SIZES.items():
+        if config.family not in _HF_CONFIGS:  # WavLM, data2vec-audio: tests/test_wavlm.py
+            continue
         hf = config.to_hf()
-        assert HubertConfig.from_hf(hf) == config, name
+        assert Wav2Vec2Config.from_hf(hf) == config, name
         assert hf["architectures"][0] in ("HubertModel", "Wav2Vec2Model")
         _HF_CONFIGS[config.family](**hf)  # transformers accepts it.
-    assert HUBERT_SIZES["hubert-large"].do_stable_layer_norm
-    overridden = HubertConfig.from_hf(HUBERT_SIZES["hubert-base"].to_hf(), dtype="bfloat16")
+    assert WAV2VEC2_SIZES["hubert-large"].do_stable_layer_norm
+    overridden = Wav2Vec2Config.from_hf(WAV2VEC2_SIZES["hubert-base"].to_hf(), dtype="bfloat16")
     assert overridden.dtype == "bfloat16"
     with pytest.raises(ValueError, match="model_type"):
-        HubertConfig.from_hf({"model_type": "wavlm"})
+        Wav2Vec2Config.from_hf({"model_type": "unispeech"})
     with pytest.raises(ValueError, match="add_adapter"):
-        HubertConfig.from_hf({"model_type": "wav2vec2", "add_adapter": True})
+        Wav2Vec2Config.from_hf({"model_type": "wav2vec2", "add_adapter": True})
     with pytest.raises(ValueError, match="nonsense"):
-        HubertConfig.from_hf({"model_type": "hubert"}, nonsense=1)
+        Wav2Vec2Config.from_hf({"model_type": "hubert"}, nonsense=1)
     with pytest.raises(ValueError, match="num_attention_heads"):
-        HubertConfig(hidden_size=30, num_attention_heads=4)
+        Wav2Vec2Config(hidden_size=30, num_attention_heads=4)
 
 
-def _small_config(**overrides) -> HubertConfig:
-    return HubertConfig(**{**TINY, "num_attention_heads": 4, "num_conv_pos_embeddings": 16,
-                           **overrides})
+def _small_config(**overrides) -> Wav2Vec2Config:
+    return Wav2Vec2Config(**{**TINY, "num_attention_heads": 4, "num_conv_pos_embeddings": 16,
+                             **overrides})
 
 
 def test_bfloat16_remat_and_dropout():
     config = _small_config(num_hidden_layers=1)
-    audio, mask = _batch(seed=2)
+    params = random_params(config, 1)
+    assert_bf16_close_and_remat_exact(config, params)
+    audio, mask = batch(seed=2)
     audio, mask = audio[:, :2400], mask[:, :2400]
-    params = _init(config, 1)
-    ref = _apply(config, params, audio, mask)
-
-    bf16 = _apply(dataclasses.replace(config, dtype="bfloat16"), params, audio, mask)
-    assert bf16.hidden_states[-1].dtype == jnp.bfloat16
-    for a, b in zip(bf16.hidden_states, ref.hidden_states, strict=True):
-        a, b = np.asarray(a, np.float32), np.asarray(b)
-        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 0.05
-
-    def loss(encoder_params, cfg):  # Grads of the (rematerialised) transformer layers only:
-        p = {**params, "encoder": encoder_params}  # no conv backward to compile.
-        out = HubertEncoder(cfg).apply({"params": p}, audio, mask)
-        return sum(jnp.mean(h ** 2) for h in out.hidden_states)
-
-    grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
-    v_ref, g_ref = grad(params["encoder"], config)
-    v_remat, g_remat = grad(params["encoder"], dataclasses.replace(config, remat=True))
-    np.testing.assert_allclose(v_remat, v_ref, rtol=1e-6)
-    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_ref))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * scale),
-                 g_remat, g_ref)
-
-    train = jax.jit(lambda p, k: HubertEncoder(config).apply(
+    train = jax.jit(lambda p, k: Wav2Vec2Encoder(config).apply(
             {"params": p}, audio, mask, deterministic=False, rngs={"dropout": k}))
     a, b = train(params, jax.random.key(5)), train(params, jax.random.key(6))
     assert np.all(np.isfinite(np.asarray(a.hidden_states[-1])))
@@ -344,47 +261,14 @@ def test_bfloat16_remat_and_dropout():
 
 
 def test_sharding_of_initialised_params():
-    assert jax.device_count() == 8, "conftest.py forces 8 CPU devices"
-    config = HubertConfig(**dict(TINY, intermediate_size=64), num_attention_heads=4,
-                          num_conv_pos_embeddings=16)
-    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    rules = (("batch", "data"), ("mlp", "model"), ("heads", "model"))
-    model = HubertEncoder(config)
-    audio, mask = _batch(seed=4)
-    audio, mask = np.concatenate([audio, audio[:1]]), np.concatenate([mask, mask[:1]])
-
-    def init(key):
-        return model.init(key, audio[:1, :1000])
-
-    abstract = jax.eval_shape(init, jax.random.key(0))
-    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
-    variables = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
-    layer = variables["params"]["encoder"]["layers_0"]
-    specs = {
-            ("feed_forward", "intermediate_dense", "kernel"): (None, "model"),
-            ("feed_forward", "output_dense", "kernel"): ("model", None),
-            ("attention", "q_proj", "kernel"): (None, "model", None),
-            ("attention", "out_proj", "kernel"): ("model", None, None),
-    }
-    for path, spec in specs.items():
-        leaf = layer
-        for p in path:
-            leaf = leaf[p]
-        array = leaf.value
-        assert tuple(array.sharding.spec) == spec, path
-        shard_shape = array.addressable_shards[0].data.shape
-        assert np.prod(shard_shape) * 4 == array.size, path
-    # The sharded forward pass equals the unsharded one.
-    params = nn.meta.unbox(variables)["params"]
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        sharded = jax.jit(model.apply)({"params": params}, audio, mask)
-    plain = _apply(config, jax.device_get(params), audio, mask)
-    # Valid frames only: padded frames carry no meaning, and the FFT positional conv on CPU
-    # rounds them differently when sharded (they still differ by < 2e-3).
-    valid = np.asarray(plain.mask)
-    np.testing.assert_array_equal(np.asarray(sharded.mask), valid)
-    np.testing.assert_allclose(np.asarray(sharded.hidden_states[-1])[valid],
-                               np.asarray(plain.hidden_states[-1])[valid], atol=1e-5)
+    config = Wav2Vec2Config(**dict(TINY, intermediate_size=64), num_attention_heads=4,
+                            num_conv_pos_embeddings=16)
+    assert_sharded(config, {
+            ("layers_0", "feed_forward", "intermediate_dense", "kernel"): (None, "model"),
+            ("layers_0", "feed_forward", "output_dense", "kernel"): ("model", None),
+            ("layers_0", "attention", "q_proj", "kernel"): (None, "model", None),
+            ("layers_0", "attention", "out_proj", "kernel"): ("model", None, None),
+    })
 
 
 @pytest.mark.parametrize("kernel,groups,frames", [(16, 4, 37), (128, 16, 200), (7, 1, 5)])
@@ -396,7 +280,7 @@ def test_fft_positional_conv_equals_direct(kernel, groups, frames):
     x = jax.random.normal(jax.random.key(1), (2, frames, hidden))
     outs = {}
     for method in ("direct", "fft"):
-        conv = WeightNormConv(HubertConfig(**base, pos_conv=method))
+        conv = WeightNormConv(Wav2Vec2Config(**base, pos_conv=method))
         variables = conv.init(jax.random.key(0), x)
         outs[method] = np.asarray(conv.apply(variables, x))
     assert outs["fft"].shape == outs["direct"].shape == (2, frames + 1 - kernel % 2, hidden)
@@ -405,14 +289,12 @@ def test_fft_positional_conv_equals_direct(kernel, groups, frames):
 
 def test_pos_conv_option_is_checked():
     with pytest.raises(ValueError, match="pos_conv"):
-        HubertConfig(**TINY, num_attention_heads=4, pos_conv="fast")
+        Wav2Vec2Config(**TINY, num_attention_heads=4, pos_conv="fast")
 
 
 def test_masked_instance_norm_gradient_matches_autodiff():
     """The hand-written backward of the feature extractor's group norm equals autodiff of
     the plain formula, padded frames included (they are normalised with the valid stats)."""
-    from jaxser.models.hubert import _masked_instance_norm
-
     def reference(x, w):
         w3 = w[:, :, None]
         n = jnp.maximum(jnp.sum(w3, axis=1, keepdims=True), 1.0)
@@ -432,12 +314,12 @@ def test_masked_instance_norm_gradient_matches_autodiff():
 @pytest.mark.parametrize("remat", [False, True])
 def test_layerdrop_in_training_mode_with_and_without_remat(remat):
     config = _small_config(num_hidden_layers=2, remat=remat, layerdrop=1.0)
-    audio, mask = _batch(seed=4)
+    audio, mask = batch(seed=4)
     audio, mask = audio[:, :2400], mask[:, :2400]
-    params = _init(config, 2)
+    params = random_params(config, 2)
 
     def run(p, key):
-        out = HubertEncoder(config).apply({"params": p}, audio, mask, deterministic=False,
+        out = Wav2Vec2Encoder(config).apply({"params": p}, audio, mask, deterministic=False,
                                           rngs={"dropout": key})
         return jnp.mean(out.hidden_states[-1] ** 2), out.hidden_states
 

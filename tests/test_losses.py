@@ -94,9 +94,11 @@ def test_distribution_losses_masking_and_zeros(name, loss, reference, kwargs):
     fn = lambda lp, t, w: loss(lp, t, w, **kwargs)
     log_probs = np.asarray(jax.nn.log_softmax(jnp.asarray(logits)))
     # Zero predictions where the target is zero: -inf log-probabilities stay harmless.
+    # (Label smoothing makes every target positive, so there a probability of exactly 0 is an
+    # infinite loss, as in torch: it gets an underflowed but finite log p instead.)
     zero_target = targets == 0
     zero_target[:, 0] = False
-    lp_inf = np.where(zero_target, -np.inf, log_probs)
+    lp_inf = np.where(zero_target, -1e4 if name == "ce_smooth" else -np.inf, log_probs)
     value, grad = _jax_value_and_grad(fn, lp_inf, targets, weights)
     assert np.isfinite(value) and np.all(np.isfinite(grad))
     if name in ("kl", "focal", "focal_half", "ce"):  # classes with t = 0 do not matter
@@ -111,14 +113,66 @@ def test_distribution_losses_masking_and_zeros(name, loss, reference, kwargs):
     np.testing.assert_allclose(value2, value, rtol=1e-6)
     np.testing.assert_allclose(grad2, grad, rtol=1e-6)
     assert np.all(grad2[weights == 0] == 0)
-    # A real example predicting zero probability for a positive class stays finite.
+    # A real example predicting probability exactly 0 (log p = -inf) for a class with target
+    # mass: the true loss, as torch computes it (infinite except for the cosine loss; no
+    # floor hides it). Finite but saturated log p: see test_..._saturated_logits_match_torch.
     bad = log_probs.copy()
     bad[1, np.argmax(targets[1])] = -np.inf
-    value3, grad3 = _jax_value_and_grad(fn, bad, targets, weights)
-    assert np.isfinite(value3) and np.all(np.isfinite(grad3))
+    value3, _ = _jax_value_and_grad(fn, bad, targets, weights)
+    expected3 = reference(_t(bad), _t(targets), weights, **kwargs).item()
+    assert (np.isinf(expected3) and value3 == expected3) or name == "cosine"
+    np.testing.assert_allclose(value3, expected3, rtol=RTOL)
     # All weights zero: 0, not NaN.
     value0, grad0 = _jax_value_and_grad(fn, log_probs, targets, np.zeros(B))
     assert value0 == 0.0 and np.all(grad0 == 0.0)
+
+
+@pytest.mark.parametrize("name,loss,reference,kwargs", DISTRIBUTION_LOSSES,
+                         ids=[d[0] for d in DISTRIBUTION_LOSSES])
+def test_distribution_losses_saturated_logits_match_torch(name, loss, reference, kwargs):
+    """Confidently wrong predictions: log p of a class with target mass far below
+    log(tiny) = -87.3 yet finite in float32. Value and gradient must be torch's (issue 19: a
+    floor on log p gave KL 42.98 and gradient [0, 0] for logits [0, -100], target [0.5, 0.5]).
+    """
+    logits, targets, weights = _setup(4)
+    top = np.argmax(targets, 1)
+    logits[0, top[0]] -= 100.0
+    logits[1, top[1]] -= 300.0
+    logits[3, top[3]] -= 1e4  # p underflows to exactly 0 in float32; log p = -1e4 is exact
+    zero = np.argwhere(targets[4] == 0)[:, 0]
+    logits[4, zero] -= 1e4  # underflow where the target is 0: contributes nothing
+    fn = lambda z, t, w: loss(jax.nn.log_softmax(z), t, w, **kwargs)
+    value, grad = _jax_value_and_grad(fn, logits, targets, weights)
+    z = _t(logits, grad=True)
+    expected = reference(F.log_softmax(z, -1), _t(targets), weights, **kwargs)
+    expected.backward()
+    assert np.isfinite(value) and np.all(np.isfinite(grad))
+    np.testing.assert_allclose(value, expected.item(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(grad, z.grad.numpy(), rtol=RTOL, atol=ATOL)
+    if name != "cosine":  # a wrong, saturated row pushes its logits like torch, not by 0
+        assert np.abs(np.asarray(grad)[[0, 1, 3]]).max() > 0.1
+
+
+@pytest.mark.parametrize("loss,kwargs,expected", [
+        (L.kl_divergence, {}, 50.0 - np.log(2.0)),  # 0.5 (log 0.5 - 0) + 0.5 (log 0.5 + 100)
+        (L.soft_cross_entropy, {}, 50.0),
+        (L.focal_loss, {"gamma": 2.0}, 50.0),  # (1 - p)^2 = 1 on the missed class, 0 on the hit
+])
+def test_saturated_two_class_example_of_issue_19(loss, kwargs, expected):
+    """logits [0, -100], target [0.5, 0.5]: hand-derived value (torch: KL 49.31) and the
+    gradient [0.5, -0.5] = softmax - target (for focal: d/dz of 0.5 * 100 * 1, the hit class
+    contributing (1 - p)^2 log p = O(e^-200)); torch's autograd agrees."""
+    fn = lambda z, t, w: loss(jax.nn.log_softmax(z), t, w, **kwargs)
+    value, grad = _jax_value_and_grad(fn, [[0.0, -100.0]], [[0.5, 0.5]], [1.0])
+    np.testing.assert_allclose(value, expected, rtol=1e-6)
+    np.testing.assert_allclose(grad, [[0.5, -0.5]], rtol=1e-6)
+    z = _t([[0.0, -100.0]], grad=True)
+    ref = {L.kl_divergence: _torch_kl, L.soft_cross_entropy: _torch_ce,
+           L.focal_loss: _torch_focal}[loss](F.log_softmax(z, -1), _t([[0.5, 0.5]]), np.ones(1),
+                                             **kwargs)
+    ref.backward()
+    np.testing.assert_allclose(value, ref.item(), rtol=1e-6)
+    np.testing.assert_allclose(grad, z.grad.numpy(), rtol=1e-6)
 
 
 def test_focal_gamma_zero_is_cross_entropy():
@@ -243,6 +297,28 @@ def test_domain_cross_entropy_matches_torch():
     np.testing.assert_allclose(value, expected.item(), rtol=RTOL)
     np.testing.assert_allclose(grad, z.grad.numpy(), rtol=RTOL, atol=ATOL)
     assert L.domain_cross_entropy(jnp.asarray(logits), jnp.asarray(ids), jnp.zeros(B)) == 0.0
+
+
+def test_domain_accuracy_counts_the_rows_the_domain_loss_counts():
+    """Rows without a domain label (id -1) and padding rows are left out of the logged domain
+    accuracy, as domain_cross_entropy leaves them out (issue 19: they counted as misses)."""
+    from sklearn.metrics import accuracy_score
+
+    from jaxser.train import step
+
+    rng = np.random.default_rng(8)
+    ids = np.array([0, 2, 1, 1, -1, 2, -1, 0])
+    weights = np.array([1, 1, 0, 1, 1, 1, 1, 1], np.float64)
+    logits = rng.normal(size=(len(ids), 3))
+    logits[np.arange(len(ids)), np.maximum(ids, 0)] += 3.0  # mostly right ...
+    logits[7] = [0.0, 5.0, 0.0]  # ... one known row wrong
+    counted = (weights > 0) & (ids >= 0)
+    expected = accuracy_score(ids[counted], logits[counted].argmax(1))
+    got = step.domain_accuracy(jnp.asarray(logits, jnp.float32), jnp.asarray(ids),
+                               jnp.asarray(weights, jnp.float32))
+    assert float(got) == pytest.approx(expected) and expected == 0.8  # 4 of 5 rows
+    none = step.domain_accuracy(jnp.asarray(logits), jnp.full(len(ids), -1), jnp.ones(len(ids)))
+    assert float(none) == 0.0
 
 
 def test_ccc_loss_matches_reference():

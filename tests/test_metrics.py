@@ -168,7 +168,7 @@ def test_accumulator_groups_equal_subset_metrics():
             rows = np.flatnonzero(values == value)
             sub = _accumulate(len(rows), probs, targets, groups, dims_pred, dims_true,
                               rows=rows).result()["overall"]
-            del sub["confusion"]
+            del sub["confusion"], sub["tie_rule"]
             _assert_results_equal(result["groups"][column][value], sub)
 
 
@@ -216,3 +216,157 @@ def test_prior_and_majority_predictions():
     acc.update(M.majority_predictions(prior, 4), targets, np.ones(4))
     assert acc.result()["overall"]["wa"] == pytest.approx(0.5)
     assert acc.result()["overall"]["ua"] == pytest.approx(1 / 3)
+
+
+# ----------------------------------------------------------------------------- tied targets
+
+
+def _tied_data(seed: int = 5, n: int = 60):
+    """Predictions and targets where known rows have a tied target argmax (issue 19).
+
+    Ties as they arise: two classes at 0.45 after neutral smoothing (float32 arithmetic),
+    two annotator votes each out of four, a three-way tie; plus near misses (0.46 / 0.45)
+    that are not ties. Returns (probs, targets, tied_rows, first_tied_class, tied_sets).
+    """
+    rng = np.random.default_rng(seed)
+    probs = _distributions(rng, n)
+    targets = _distributions(rng, n, zero_frac=0.0)
+    tied_sets = {}
+    for i in rng.choice(n, size=18, replace=False):
+        kind = len(tied_sets) % 3
+        a, b, c = rng.choice(K, size=3, replace=False)
+        row = np.zeros(K, np.float32)
+        if kind == 0:  # 0.5 / 0.5 smoothed by 0.1 towards class c: 0.45 / 0.45 / 0.1
+            row[[a, b]] = np.float32(0.9) * np.float32(0.5)
+            row[c] += np.float32(0.1)
+            tied_sets[i] = {a, b}
+        elif kind == 1:  # votes 2 / 2 / 1 of 5
+            row[[a, b]], row[c] = 2 / 5, 1 / 5
+            tied_sets[i] = {a, b}
+        else:  # a three-way tie
+            row[[a, b, c]] = 1 / 3
+            tied_sets[i] = {a, b, c}
+        targets[i] = row
+    for i in sorted(set(range(n)) - set(tied_sets))[:6]:  # near misses stay untied
+        a, b = rng.choice(K, size=2, replace=False)
+        targets[i] = 0.0
+        targets[i, a], targets[i, b] = 0.46, 0.45
+        targets[i, (b + 1) % K if (b + 1) % K != a else (b + 2) % K] = 0.09
+    tied = np.zeros(n, bool)
+    tied[list(tied_sets)] = True
+    return probs, targets.astype(np.float32), tied, tied_sets
+
+
+def _sklearn_classification(y_true, y_pred):
+    f1 = lambda avg: skm.f1_score(y_true, y_pred, average=avg, labels=range(K), zero_division=0)
+    return {"wa": skm.accuracy_score(y_true, y_pred),
+            "ua": skm.balanced_accuracy_score(y_true, y_pred),
+            "macro_f1": f1("macro"), "micro_f1": f1("micro"), "weighted_f1": f1("weighted")}
+
+
+def _tie_accumulate(probs, targets, tie_rule, batch_size=7, groups=None):
+    acc = M.MetricAccumulator([f"c{i}" for i in range(K)], list(groups or {}),
+                              tie_rule=tie_rule)
+    for s in range(0, len(probs), batch_size):
+        sub = {c: v[s:s + batch_size] for c, v in (groups or {}).items()}
+        acc.update(probs[s:s + batch_size], targets[s:s + batch_size],
+                   np.ones(len(probs[s:s + batch_size])), sub)
+    return acc
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_tied_targets_left_out_by_default_match_sklearn_on_untied_rows():
+    probs, targets, tied, _ = _tied_data()
+    acc = _tie_accumulate(probs, targets, "exclude")
+    assert acc.tie_rule == "exclude"
+    overall = acc.result()["overall"]
+    keep = ~tied
+    y_true, y_pred = targets[keep].argmax(1), probs[keep].argmax(1)
+    for name, value in _sklearn_classification(y_true, y_pred).items():
+        assert overall[name] == pytest.approx(value, rel=1e-12), name
+    assert overall["confusion"] == skm.confusion_matrix(y_true, y_pred, labels=range(K)).tolist()
+    assert overall["tied_targets"] == tied.sum() == 18
+    assert overall["classification_count"] == keep.sum()
+    assert overall["count"] == len(probs) and overall["tie_rule"] == "exclude"
+    # The LDL metrics keep every row (PyLDL on all of them).
+    assert overall["kl"] == pytest.approx(pyldl_metrics.kl_divergence(targets, probs), rel=1e-9)
+    assert overall["cosine"] == pytest.approx(pyldl_metrics.cosine(targets, probs), rel=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_tied_targets_do_not_depend_on_class_order():
+    """With the default rule a permutation of the taxonomy leaves WA/UA/F1 unchanged; with
+    'first' (the old argmax behaviour) it changes them on these ties."""
+    probs, targets, _, _ = _tied_data(6)
+    perm = np.random.default_rng(0).permutation(K)
+    while np.array_equal(perm, np.arange(K)):
+        perm = np.random.default_rng(1).permutation(K)
+    names = ("wa", "ua", "macro_f1", "micro_f1", "weighted_f1")
+    moved = {}
+    for rule in ("exclude", "any", "first"):
+        a = _tie_accumulate(probs, targets, rule).result()["overall"]
+        b = _tie_accumulate(probs[:, perm], targets[:, perm], rule).result()["overall"]
+        moved[rule] = any(abs(a[m] - b[m]) > 1e-12 for m in names)
+        if rule == "exclude":
+            for m in names:
+                assert a[m] == pytest.approx(b[m], rel=1e-12), m
+    assert moved["first"]
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_tie_rules_first_and_any_match_sklearn():
+    probs, targets, tied, tied_sets = _tied_data(7)
+    y_pred = probs.argmax(1)
+    first = targets.argmax(1)
+    for i, classes in tied_sets.items():
+        first[i] = min(classes)
+    any_true = first.copy()
+    for i, classes in tied_sets.items():
+        if y_pred[i] in classes:
+            any_true[i] = y_pred[i]
+    # make sure 'any' differs from 'first' somewhere: predict the last tied class of a row
+    i, classes = next(iter(tied_sets.items()))
+    probs[i] = np.eye(K)[max(classes)]
+    y_pred[i] = any_true[i] = max(classes)
+    for rule, y_true in (("first", first), ("any", any_true)):
+        overall = _tie_accumulate(probs, targets, rule).result()["overall"]
+        for name, value in _sklearn_classification(y_true, y_pred).items():
+            assert overall[name] == pytest.approx(value, rel=1e-12), (rule, name)
+        assert overall["tied_targets"] == tied.sum()
+        assert overall["classification_count"] == len(probs)
+
+
+def test_tied_counts_per_group_merge_and_state():
+    probs, targets, tied, _ = _tied_data(8)
+    gender = np.where(np.arange(len(probs)) % 3 == 0, "female", "male")
+    acc = _tie_accumulate(probs, targets, "exclude", groups={"gender": gender})
+    result = acc.result()
+    for value in ("female", "male"):
+        g = result["groups"]["gender"][value]
+        rows = gender == value
+        assert g["tied_targets"] == (tied & rows).sum()
+        assert g["classification_count"] == (~tied & rows).sum()
+    rebuilt = M.MetricAccumulator.from_bytes(acc.to_bytes())
+    assert rebuilt.tie_rule == "exclude"
+    _assert_results_equal(rebuilt.result(), result)
+    half = _tie_accumulate(probs[:30], targets[:30], "exclude", groups={"gender": gender[:30]})
+    rest = _tie_accumulate(probs[30:], targets[30:], "exclude", groups={"gender": gender[30:]})
+    _assert_results_equal(half.merge(rest).result(), result)
+    with pytest.raises(ValueError, match="tie rule"):
+        half.merge(_tie_accumulate(probs, targets, "first", groups={"gender": gender}))
+    with pytest.raises(ValueError, match="tie_rule"):
+        M.MetricAccumulator(["a", "b"], tie_rule="random")
+
+
+def test_report_says_how_many_tied_rows_were_left_out():
+    from jaxser import report as report_lib
+
+    probs, targets, tied, _ = _tied_data(9)
+    for rule in ("exclude", "first"):
+        overall = _tie_accumulate(probs, targets, rule).result()["overall"]
+        report = {"split": "test", "data_dir": "d", "checkpoint_step": 3, "labels": list("abcdef"),
+                  "metrics": overall}
+        text = report_lib.text_report(report)
+        assert f"{tied.sum()} utterances with a tied top target class" in text
+        assert f"tie rule {rule!r}" in text
+        assert ("left out of" in text) == (rule == "exclude")

@@ -115,3 +115,58 @@ def test_classic_mixup_features_without_lengths():
     out, y, new_len = mx.mixup(jax.random.key(1), feats, labels)
     assert out.shape == feats.shape and new_len is None
     np.testing.assert_allclose(np.asarray(y).sum(1), 1.0, atol=1e-6)
+
+
+def _padded_batch(seed: int = 0):
+    """B = 8 rows: 5 real, then 3 padding rows that copy real rows (as the eval/epoch-end
+    batches pad), one of them a copy of row 0, with valid = 0."""
+    rng = np.random.default_rng(seed)
+    n, real = 8000, 5
+    lengths = np.array([8000, 6000, 5000, 7000, 4000, 8000, 6000, 8000], np.int32)
+    x = rng.standard_normal((8, n)) * np.array([1.0, 0.5, 2.0, 1.0, 0.3, 1.0, 0.5, 1.0])[:, None]
+    labels = np.eye(8, dtype=np.float32)  # one class per row: a label reveals its source row
+    for pad, source in zip(range(real, 8), (0, 1, 0), strict=True):
+        x[pad], lengths[pad] = x[source], lengths[source]
+        labels[pad] = labels[source]
+    x = np.where(np.arange(n)[None] < lengths[:, None], x, 0.0).astype(np.float32)
+    valid = np.array([1] * real + [0] * (8 - real), np.float32)
+    return jnp.asarray(x), jnp.asarray(lengths), jnp.asarray(labels), jnp.asarray(valid)
+
+
+def test_energy_mixup_partners_are_real_rows_other_than_self():
+    """Issue 19: a padding row (a copy of a real example, maybe of the target itself) must
+    never be a partner, nor the target itself; padding targets stay as they are."""
+    x, lengths, labels, valid = _padded_batch()
+    real = np.flatnonzero(np.asarray(valid) > 0)
+    run = jax.jit(lambda k: mx.energy_adaptive_mixup(k, x, lengths, labels, valid=valid,
+                                                     return_info=True))
+    seen = {int(i): set() for i in real}
+    for seed in range(40):
+        out, y, info = run(jax.random.key(seed))
+        partner, applied = np.asarray(info["partner"]), np.asarray(info["applied"])
+        assert np.all(applied[real]) and not np.any(applied[~np.isin(np.arange(8), real)])
+        for i in real:
+            j = int(partner[i])
+            assert j in real and j != i, (seed, i, j)
+            seen[int(i)].add(j)
+            # the label moved only towards the partner's own class (not a copy's source)
+            assert set(np.flatnonzero(np.asarray(y[i]) > 0)) == {int(i), j}
+        pad = np.asarray(valid) == 0
+        np.testing.assert_array_equal(np.asarray(out)[pad], np.asarray(x)[pad])
+        np.testing.assert_array_equal(np.asarray(y)[pad], np.asarray(labels)[pad])
+    for i in real:  # every other real row is drawn (uniform over 4 choices, 40 draws)
+        assert seen[int(i)] == set(real.tolist()) - {int(i)}
+
+
+def test_energy_mixup_without_a_second_real_row_mixes_nothing():
+    x, lengths, labels, _ = _padded_batch()
+    one = jnp.asarray([1, 0, 0, 0, 0, 0, 0, 0], jnp.float32)
+    out, y, info = mx.energy_adaptive_mixup(jax.random.key(0), x, lengths, labels, valid=one,
+                                            return_info=True)
+    assert not np.any(np.asarray(info["applied"]))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(labels))
+    single = mx.energy_adaptive_mixup(jax.random.key(0), x[:1], lengths[:1], labels[:1])
+    np.testing.assert_array_equal(np.asarray(single[0]), np.asarray(x[:1]))
+    with pytest.raises(ValueError, match="valid"):
+        mx.energy_adaptive_mixup(jax.random.key(0), x, lengths, labels, valid=one[:3])

@@ -16,7 +16,6 @@ from _worker import (
     latest_params,
     load_cfg,
     loss_curve,
-    prepared_data,
     subprocess_env,
     train_args,
     train_metrics,
@@ -26,11 +25,6 @@ from _worker import (
 from jaxser.train import loop
 
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return prepared_data(tmp_path_factory)
 
 
 def _start_pair(workdir, data_dir, env, log_dir, name) -> list[Run]:

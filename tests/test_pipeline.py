@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxser.data import pipeline, shards
+from jaxser.data import buckets, pipeline, shards
 
 K = 3
 SR = 100  # a tiny sample rate keeps the arrays small: lengths of 0.5-4 "seconds"
@@ -254,7 +254,7 @@ def _padding(lengths: np.ndarray, buckets: list[int]) -> int:
 def test_derive_buckets_is_optimal():
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 60, size=200) * 10
-    got = pipeline.derive_buckets(lengths, 3, multiple=10)
+    got = buckets.derive_buckets(lengths, 3, multiple=10)
     assert len(got) == 3 and got[-1] == lengths.max()
     cands = np.unique(lengths)
     best = min(_padding(lengths, [a, b, int(lengths.max())])
@@ -264,11 +264,11 @@ def test_derive_buckets_is_optimal():
 
 def test_derive_buckets_cap_histogram_and_multiple():
     lengths = np.array([48000, 50000, 64000, 70000, 90000])
-    capped = pipeline.derive_buckets(lengths, 2, max_samples=64000, multiple=1600)
+    capped = buckets.derive_buckets(lengths, 2, max_samples=64000, multiple=1600)
     assert capped[-1] == 64000 and all(b <= 64000 for b in capped)
-    assert all(b % 1600 == 0 for b in pipeline.derive_buckets(lengths, 3, multiple=1600))
+    assert all(b % 1600 == 0 for b in buckets.derive_buckets(lengths, 3, multiple=1600))
     hist = shards.length_histogram(lengths, 16000, 0.5)
-    from_hist = pipeline.derive_buckets(hist, 2, sample_rate=16000)
+    from_hist = buckets.derive_buckets(hist, 2, sample_rate=16000)
     assert from_hist[-1] >= lengths.max() and len(from_hist) == 2
 
 

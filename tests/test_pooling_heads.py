@@ -122,10 +122,40 @@ def test_layer_weighted_sum():
     boxed["params"]["layer_weights"] = logits
     expected = sum(wi * np.asarray(h) for wi, h in zip(w, layers, strict=True))
     np.testing.assert_allclose(module.apply(boxed, layers), expected, rtol=1e-5, atol=1e-6)
-    normed = P.LayerWeightedSum(normalize=True).apply(variables, layers)
-    assert normed.shape == (2, 5, D)
     with pytest.raises(ValueError, match="empty"):
         module.apply(variables, ())
+
+
+def test_layer_weighted_sum_normalize_matches_numpy_and_torch():
+    """normalize=True: each layer layer-normalised over features (no parameters, eps 1e-5,
+    biased variance), then the softmax-weighted sum, as s3prl's featurizer with layer_norm
+    (torch F.layer_norm) computes it."""
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(5)
+    # layers of very different scale and offset: normalising must change the mix
+    layers = tuple(jnp.asarray(rng.normal(size=(2, 5, D)) * 10.0 ** i + 3.0 * i, jnp.float32)
+                   for i in range(4))
+    logits = np.array([0.5, -1.0, 2.0, 0.0])
+    module = P.LayerWeightedSum(normalize=True)
+    variables = nn.unbox(module.init(jax.random.key(0), layers))
+    variables["params"]["layer_weights"] = jnp.asarray(logits, jnp.float32)
+    got = np.asarray(module.apply(variables, layers), np.float64)
+    w = np.exp(logits) / np.exp(logits).sum()
+    stacked = np.stack([np.asarray(h, np.float64) for h in layers])  # [L, B, T, D]
+    mean = stacked.mean(-1, keepdims=True)
+    var = ((stacked - mean) ** 2).mean(-1, keepdims=True)
+    expected = np.einsum("l,lbtd->btd", w, (stacked - mean) / np.sqrt(var + 1e-5))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    hs = torch.tensor(stacked)
+    ref = (torch.tensor(w)[:, None, None, None] * F.layer_norm(hs, (D,), eps=1e-5)).sum(0)
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-5, atol=1e-5)
+    # every normalised layer has zero mean and unit variance per frame, so the sum does too
+    # up to the weights; unnormalised, the largest layer dominates
+    plain = np.asarray(P.LayerWeightedSum().apply(variables, layers), np.float64)
+    assert np.abs(plain - got).max() > 1.0
+    np.testing.assert_allclose(got.mean(-1), 0.0, atol=1e-5)
 
 
 def test_gradient_reversal_scales_gradient():

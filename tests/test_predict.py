@@ -16,20 +16,13 @@ from jaxser.predict import PAD_MULTIPLE, SAMPLE_RATE, Predictor, padded_length
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module")
+def predictor(tiny_workdir):
+    return Predictor.load(tiny_workdir / "train")
 
 
 @pytest.fixture(scope="module")
-def root(tiny_workdir):
-    return tiny_workdir
-
-
-@pytest.fixture(scope="module")
-def predictor(root):
-    return Predictor.load(root / "train")
-
-
-@pytest.fixture(scope="module")
-def files(root, tmp_path_factory):
+def files(tiny_workdir, tmp_path_factory):
     """Three files: wav 16 kHz mono, flac 44.1 kHz stereo, ogg 8 kHz; 1.3 s to 2.6 s."""
     out = tmp_path_factory.mktemp("audio")
     rng = np.random.default_rng(0)
@@ -102,8 +95,8 @@ def test_timeline(predictor, tmp_path):
         predictor.timeline(wave, window=0.0, hop=1.0)
 
 
-def test_over_long_audio_is_chunked(root):
-    short = Predictor.load(root / "train")
+def test_over_long_audio_is_chunked(tiny_workdir):
+    short = Predictor.load(tiny_workdir / "train")
     short.max_samples = 64 * PAD_MULTIPLE  # Pretend the encoder takes 1.28 s per pass.
     wave, _ = synthetic.long_utterance(5.0, seed=4, segment_seconds=(2.0, 3.0))
     row = short.predict_waveforms([wave])[0]
@@ -141,11 +134,11 @@ def test_arrays_api(predictor, files):
         predictor.predict_waveforms([np.zeros(100, np.float32)])
 
 
-def test_cli_predict(root, files, tmp_path, capsys):
+def test_cli_predict(tiny_workdir, files, tmp_path, capsys):
     junk = tmp_path / "junk.wav"
     junk.write_text("not audio")
     capsys.readouterr()
-    argv = ["predict", "--workdir", str(root / "train"), str(files[0]), str(junk),
+    argv = ["predict", "--workdir", str(tiny_workdir / "train"), str(files[0]), str(junk),
             str(files[1]), "--window", "1.0", "--hop", "0.5"]
     assert cli.main(argv) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

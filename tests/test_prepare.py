@@ -11,14 +11,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from jaxser.data import audio as A
-from jaxser.data import labels as L
-from jaxser.data import manifest as M
-from jaxser.data import prepare as P
-from jaxser.data import shards
-from jaxser.data import splits as S
+from jaxser.data import decode, labels, manifest, prepare, shards, splits
 
-EM2LDL = L.builtin_taxonomy("em2ldl32").classes
+EM2LDL = labels.builtin_taxonomy("em2ldl32").classes
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -88,7 +83,7 @@ def _no_decoding(monkeypatch):
     """Makes any audio decode fail the test (checks that errors come before decoding)."""
     def boom(task):
         raise AssertionError(f"audio decoded: {task}")
-    monkeypatch.setattr(A, "decode", boom)
+    monkeypatch.setattr(decode, "decode", boom)
 
 
 def _corpus(root: Path, name: str, speakers: int = 6, per_speaker: int = 2,
@@ -124,8 +119,8 @@ def test_round_trip_formats_rates_channels_segments(tmp_path):
     rows.append({"path": "a/fl44k.flac", "id": "seg", "speaker": "s1", "label": "sad",
                  "start": "0.05", "end": "0.2", "split": "train", "mood": "y"})
     manifest = _csv(tmp_path / "corp.csv", rows)
-    info = P.prepare([manifest], tmp_path / "out", taxonomy="iemocap4", split="column:split",
-                     workers=0, progress=False)
+    info = prepare.prepare([manifest], tmp_path / "out", taxonomy="iemocap4", split="column:split",
+                           workers=0, progress=False)
     got = _read(tmp_path / "out", "train")
     assert sorted(got) == sorted([*files, "seg"]) and info["kept"] == len(files) + 1
     for k, path in files.items():
@@ -163,9 +158,9 @@ def test_label_forms_votes_distributions(tmp_path):
     dist_map = _jsonl(tmp_path / "dmap.jsonl", [
         {"path": "f2.wav", "speaker": "c", "distribution": {"neu": 1, "exc": 1}},
         {"path": "f3.wav", "speaker": "d", "distribution": {"sadness": 0.25, "anger": 0.75}}])
-    info = P.prepare([label, votes, dist_list, dist_map], tmp_path / "out",
-                     taxonomy="iemocap4", split="speaker:50/50", seed=1, workers=0,
-                     progress=False)
+    info = prepare.prepare([label, votes, dist_list, dist_map], tmp_path / "out",
+                           taxonomy="iemocap4", split="speaker:50/50", seed=1, workers=0,
+                           progress=False)
     assert info["labels"] == ["neutral", "happy", "sad", "angry"]
     assert info["corpora"] == ["lab", "votes", "dlist", "dmap"]
     got = {}
@@ -195,8 +190,8 @@ def test_em2ldl_layout_harmonised_to_basic_with_smoothing(tmp_path):
                             "gender": "female", "age": 20 + s, "ageClass": "young",
                             "mbtiSingle": "I", "mbtiDouble": "IN", "lang": "zh"})
     manifest = _csv(tmp_path / "em2ldl.csv", header_rows)
-    info = P.prepare([manifest], tmp_path / "out", taxonomy="basic", split="kfold:4:1",
-                     neutral_smoothing=0.1, workers=2, progress=False)
+    info = prepare.prepare([manifest], tmp_path / "out", taxonomy="basic", split="kfold:4:1",
+                           neutral_smoothing=0.1, workers=2, progress=False)
     assert info["mapping"]["corpora"]["em2ldl"]["maps"][0] == "em2ldl32_to_basic.json"
     assert info["mapping"]["corpora"]["em2ldl"]["labels"]["contempt"] == {
         "disgust": 0.5, "angry": 0.5}
@@ -257,26 +252,26 @@ def test_bad_inputs_go_to_rejected_csv(tmp_path, capsys):
         {"path": "ok2.wav", "id": "ok2", "speaker": "s2", "label": "sad", "start": "",
          "end": ""},
     ]
-    labels = _csv(d / "lab.csv", rows)
+    label_csv = _csv(d / "lab.csv", rows)
     dists = _jsonl(d / "dist.jsonl", [
         {"path": "ok3.wav", "id": "len", "speaker": "s3", "distribution": [1, 0]},
         {"path": "ok3.wav", "id": "neg", "speaker": "s3", "distribution": [1, -1, 1, 0]},
         {"path": "ok3.wav", "id": "zero", "speaker": "s3", "distribution": {"sad": 0}},
         {"path": "ok3.wav", "id": "ok3", "speaker": "s3", "distribution": {"sad": 1}},
     ])
-    info = P.prepare([labels, dists], d / "out", taxonomy="iemocap4", split="speaker:1/1/1",
-                     max_seconds=2.0, workers=0, progress=False)
+    info = prepare.prepare([label_csv, dists], d / "out", taxonomy="iemocap4",
+                           split="speaker:1/1/1", max_seconds=2.0, workers=0, progress=False)
     rejected = {(r["manifest"].rsplit("/", 1)[-1], r["id"]): r for r in _rejected(d / "out")}
     want = {
-        ("lab.csv", "gone"): M.MISSING_FILE, ("lab.csv", "garbage"): A.UNREADABLE,
-        ("lab.csv", "notes"): A.UNREADABLE, ("lab.csv", "empty"): A.EMPTY,
-        ("lab.csv", "silent"): A.SILENT, ("lab.csv", "nan"): A.NON_FINITE,
-        ("lab.csv", "inf"): A.NON_FINITE, ("lab.csv", "short"): A.TOO_SHORT,
-        ("lab.csv", "long"): A.TOO_LONG, ("lab.csv", "grumpy"): L.UNKNOWN_LABEL,
-        ("lab.csv", "fru"): L.UNMAPPED_LABEL, ("lab.csv", "ok1"): M.DUPLICATE_ID,
-        ("lab.csv", "nospk"): M.MISSING_SPEAKER, ("lab.csv", "seg"): M.BAD_SEGMENT,
-        ("dist.jsonl", "len"): L.WRONG_LENGTH, ("dist.jsonl", "neg"): L.NEGATIVE_WEIGHTS,
-        ("dist.jsonl", "zero"): L.ZERO_WEIGHTS,
+        ("lab.csv", "gone"): manifest.MISSING_FILE, ("lab.csv", "garbage"): decode.UNREADABLE,
+        ("lab.csv", "notes"): decode.UNREADABLE, ("lab.csv", "empty"): decode.EMPTY,
+        ("lab.csv", "silent"): decode.SILENT, ("lab.csv", "nan"): decode.NON_FINITE,
+        ("lab.csv", "inf"): decode.NON_FINITE, ("lab.csv", "short"): decode.TOO_SHORT,
+        ("lab.csv", "long"): decode.TOO_LONG, ("lab.csv", "grumpy"): labels.UNKNOWN_LABEL,
+        ("lab.csv", "fru"): labels.UNMAPPED_LABEL, ("lab.csv", "ok1"): manifest.DUPLICATE_ID,
+        ("lab.csv", "nospk"): manifest.MISSING_SPEAKER, ("lab.csv", "seg"): manifest.BAD_SEGMENT,
+        ("dist.jsonl", "len"): labels.WRONG_LENGTH, ("dist.jsonl", "neg"): labels.NEGATIVE_WEIGHTS,
+        ("dist.jsonl", "zero"): labels.ZERO_WEIGHTS,
     }
     assert {k: r["reason"] for k, r in rejected.items()} == want
     assert rejected[("lab.csv", "gone")]["row"] == "2"
@@ -284,7 +279,7 @@ def test_bad_inputs_go_to_rejected_csv(tmp_path, capsys):
     assert rejected[("lab.csv", "ok1")]["row"] == "13"
     assert "row 1" in rejected[("lab.csv", "ok1")]["detail"]
     assert info["kept"] == 3 and sum(info["rejected"].values()) == len(want)
-    assert info["rejected"][A.NON_FINITE] == 2
+    assert info["rejected"][decode.NON_FINITE] == 2
     out = capsys.readouterr().out
     assert "kept 3 of 20 rows" in out and "non-finite samples: 2" in out
 
@@ -293,24 +288,25 @@ def test_wrong_columns_and_bad_map_fail_before_decoding(tmp_path, monkeypatch):
     _no_decoding(monkeypatch)
     _write(tmp_path / "a.wav")
     bad = _csv(tmp_path / "bad.csv", [{"wav": "a.wav", "who": "s", "feeling": "sad"}])
-    with pytest.raises(M.ManifestError, match="expected columns: 'path'.*'speaker'.*'label'"):
-        P.prepare([bad], tmp_path / "out", workers=0, progress=False)
+    with pytest.raises(manifest.ManifestError,
+                       match="expected columns: 'path'.*'speaker'.*'label'"):
+        prepare.prepare([bad], tmp_path / "out", workers=0, progress=False)
     good = _csv(tmp_path / "good.csv", [{"path": "a.wav", "speaker": "s", "label": "meh"}])
     (tmp_path / "map.json").write_text(json.dumps({"map": {"meh": {"sad": -1}}}))
-    with pytest.raises(L.MapError, match=r"map\.json.*'meh'.*negative"):
-        P.prepare([good], tmp_path / "out", taxonomy="basic", map_file=str(tmp_path / "map.json"),
-                  workers=0, progress=False)
+    with pytest.raises(labels.MapError, match=r"map\.json.*'meh'.*negative"):
+        prepare.prepare([good], tmp_path / "out", taxonomy="basic",
+                        map_file=str(tmp_path / "map.json"), workers=0, progress=False)
     (tmp_path / "map.json").write_text(json.dumps({"map": {"meh": {"bored": 1}}}))
-    with pytest.raises(L.MapError, match=r"map\.json.*'meh'.*'bored'.*not a class"):
-        P.prepare([good], tmp_path / "out", taxonomy="basic", map_file=str(tmp_path / "map.json"),
-                  workers=0, progress=False)
+    with pytest.raises(labels.MapError, match=r"map\.json.*'meh'.*'bored'.*not a class"):
+        prepare.prepare([good], tmp_path / "out", taxonomy="basic",
+                        map_file=str(tmp_path / "map.json"), workers=0, progress=False)
     with pytest.raises(ValueError, match="neutral_smoothing.*'neutral'"):
-        P.prepare([good], tmp_path / "out", taxonomy="em2ldl32", neutral_smoothing=0.1,
-                  workers=0, progress=False)
-    with pytest.raises(S.SplitError, match="too few speakers"):
-        P.prepare([good], tmp_path / "out", workers=0, progress=False)
-    with pytest.raises(S.SplitError, match="unknown split kind"):
-        P.prepare([good], tmp_path / "out", split="bogus:1", workers=0, progress=False)
+        prepare.prepare([good], tmp_path / "out", taxonomy="em2ldl32", neutral_smoothing=0.1,
+                        workers=0, progress=False)
+    with pytest.raises(splits.SplitError, match="too few speakers"):
+        prepare.prepare([good], tmp_path / "out", workers=0, progress=False)
+    with pytest.raises(splits.SplitError, match="unknown split kind"):
+        prepare.prepare([good], tmp_path / "out", split="bogus:1", workers=0, progress=False)
     assert not (tmp_path / "out" / "dataset.json").exists()
 
 
@@ -318,11 +314,11 @@ def test_user_map_file(tmp_path):
     corpus = _corpus(tmp_path, "c", speakers=3, per_speaker=1, labels=("meh", "yay", "ugh"))
     (tmp_path / "map.json").write_text(json.dumps(
         {"meh": {"neutral": 0.5, "sad": 0.5}, "yay": "happy", "ugh": None}))
-    info = P.prepare([corpus], tmp_path / "out", taxonomy="iemocap4", split="speaker:1/1",
-                     map_file=str(tmp_path / "map.json"), workers=0, progress=False)
+    info = prepare.prepare([corpus], tmp_path / "out", taxonomy="iemocap4", split="speaker:1/1",
+                           map_file=str(tmp_path / "map.json"), workers=0, progress=False)
     assert info["mapping"]["corpora"]["c"]["labels"] == {
         "meh": {"neutral": 0.5, "sad": 0.5}, "yay": {"happy": 1.0}, "ugh": None}
-    assert info["rejected"] == {L.UNMAPPED_LABEL: 1} and info["kept"] == 2
+    assert info["rejected"] == {labels.UNMAPPED_LABEL: 1} and info["kept"] == 2
 
 
 def test_speaker_overlap_refused_then_recorded(tmp_path, capsys, caplog):
@@ -332,11 +328,11 @@ def test_speaker_overlap_refused_then_recorded(tmp_path, capsys, caplog):
             {"path": "1.wav", "speaker": "s1", "label": "sad", "split": "test"},
             {"path": "2.wav", "speaker": "s2", "label": "happy", "split": "dev"}]
     manifest = _csv(tmp_path / "c.csv", rows)
-    with pytest.raises(S.SpeakerOverlapError, match="train/test.*c/s1"):
-        P.prepare([manifest], tmp_path / "out", split="column:split", workers=0,
-                  progress=False)
-    info = P.prepare([manifest], tmp_path / "out", split="column:split", workers=0,
-                     progress=False, allow_speaker_overlap=True)
+    with pytest.raises(splits.SpeakerOverlapError, match="train/test.*c/s1"):
+        prepare.prepare([manifest], tmp_path / "out", split="column:split", workers=0,
+                        progress=False)
+    info = prepare.prepare([manifest], tmp_path / "out", split="column:split", workers=0,
+                           progress=False, allow_speaker_overlap=True)
     assert info["speaker_overlap"] == {"pairs": {"train/test": ["c/s1"]}, "allowed": True}
     disk = json.loads((tmp_path / "out" / "dataset.json").read_text())
     assert disk["speaker_overlap"] == info["speaker_overlap"]
@@ -352,8 +348,8 @@ def test_speaker_overlap_refused_then_recorded(tmp_path, capsys, caplog):
 def test_split_kinds_end_to_end(tmp_path, spec, test_corpora):
     manifests = [_corpus(tmp_path, "a", speakers=5, per_speaker=1),
                  _corpus(tmp_path, "b", speakers=5, per_speaker=1)]
-    info = P.prepare(manifests, tmp_path / "out", split=spec, seed=2, workers=0,
-                     progress=False)
+    info = prepare.prepare(manifests, tmp_path / "out", split=spec, seed=2, workers=0,
+                           progress=False)
     assert info["split_spec"] == spec and info["speaker_overlap"]["pairs"] == {}
     assert info["corpora"] == ["a", "b"] and info["labels"] == ["angry", "happy", "neutral",
                                                                 "sad"]
@@ -371,15 +367,15 @@ def test_idempotent_rerun_and_rebuild(tmp_path, capsys):
     manifest = _corpus(tmp_path, "c", speakers=4, per_speaker=2)
     out = tmp_path / "out"
     kw = dict(split="speaker:50/25/25", workers=0, progress=False)
-    info = P.prepare([manifest], out, **kw)
+    info = prepare.prepare([manifest], out, **kw)
     stamp = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
-    again = P.prepare([manifest], out, **kw)
+    again = prepare.prepare([manifest], out, **kw)
     assert again == info and "up to date" in capsys.readouterr().out
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == stamp
     before = {s: _read(out, s) for s in info["splits"]}
     # A missing shard forces a rebuild, with the same content.
     (out / info["splits"]["train"]["files"][0]).unlink()
-    rebuilt = P.prepare([manifest], out, **kw)
+    rebuilt = prepare.prepare([manifest], out, **kw)
     assert rebuilt == info
     for s in info["splits"]:
         after = _read(out, s)
@@ -387,7 +383,7 @@ def test_idempotent_rerun_and_rebuild(tmp_path, capsys):
         for k in after:
             np.testing.assert_array_equal(after[k]["audio"], before[s][k]["audio"])
     # Another seed rewrites everything; no stale files, no temporary folders remain.
-    other = P.prepare([manifest], out, **{**kw, "seed": 5})
+    other = prepare.prepare([manifest], out, **{**kw, "seed": 5})
     assert other["fingerprint"] != info["fingerprint"]
     names = {p.name for p in out.iterdir()}
     want = {f for v in other["splits"].values() for f in v["files"]}
@@ -403,19 +399,20 @@ def test_own_taxonomy_and_all_rejected(tmp_path):
         {"path": "a.wav", "speaker": "x", "sad": 1, "happy": 0, "anger": 2},
         {"path": "b.wav", "speaker": "y", "sad": 0, "happy": 1, "anger": 0}])
     extra = _csv(tmp_path / "l.csv", [{"path": "a.wav", "speaker": "z", "label": "Calm"}])
-    info = P.prepare([votes, extra], tmp_path / "out", split="speaker:2/1", workers=0,
-                     progress=False)
+    info = prepare.prepare([votes, extra], tmp_path / "out", split="speaker:2/1", workers=0,
+                           progress=False)
     assert info["labels"] == ["sad", "happy", "anger", "calm"]
     assert info["taxonomy"]["name"] == "corpus" and info["mapping"] is None
     dmap = _jsonl(tmp_path / "m.jsonl", [
         {"path": "a.wav", "speaker": "x", "distribution": {"zest": 1, "awe": 0}},
         {"path": "b.wav", "speaker": "y", "distribution": {"awe": 1, "bliss": 1}}])
-    info = P.prepare([dmap], tmp_path / "out4", split="speaker:1/1", workers=0, progress=False)
+    info = prepare.prepare([dmap], tmp_path / "out4", split="speaker:1/1", workers=0,
+                           progress=False)
     assert info["labels"] == ["zest", "awe", "bliss"]  # first-seen order of the keys
     lst = _jsonl(tmp_path / "d.jsonl", [{"path": "a.wav", "speaker": "x",
                                          "distribution": [1, 0]}])
-    with pytest.raises(M.ManifestError, match="needs --taxonomy"):
-        P.prepare([lst], tmp_path / "out2", workers=0, progress=False)
+    with pytest.raises(manifest.ManifestError, match="needs --taxonomy"):
+        prepare.prepare([lst], tmp_path / "out2", workers=0, progress=False)
 
     silent = tmp_path / "s.wav"
     sf.write(silent, np.zeros(4000, np.float32), 16000)
@@ -423,9 +420,9 @@ def test_own_taxonomy_and_all_rejected(tmp_path):
         {"path": "s.wav", "speaker": "x", "label": "sad"},
         {"path": "s.wav", "id": "again", "speaker": "y", "label": "sad"},
         {"path": "nothere.wav", "speaker": "z", "label": "sad"}])
-    with pytest.raises(P.PrepareError, match="every row was rejected"):
-        P.prepare([bad], tmp_path / "out3", split="speaker:1/1", workers=0, progress=False)
+    with pytest.raises(prepare.PrepareError, match="every row was rejected"):
+        prepare.prepare([bad], tmp_path / "out3", split="speaker:1/1", workers=0, progress=False)
     reasons = sorted(r["reason"] for r in _rejected(tmp_path / "out3"))
-    assert reasons == [M.MISSING_FILE, A.SILENT, A.SILENT]
+    assert reasons == [manifest.MISSING_FILE, decode.SILENT, decode.SILENT]
     assert not (tmp_path / "out3" / "dataset.json").exists()
     assert not [p for p in (tmp_path / "out3").iterdir() if p.name.startswith(".prepare")]

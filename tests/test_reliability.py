@@ -29,7 +29,6 @@ from _worker import (
     latest_params,
     latest_step,
     load_cfg,
-    prepared_data,
     subprocess_env,
     train_args,
     train_metrics,
@@ -38,15 +37,10 @@ from _worker import (
 
 from jaxser import cli
 from jaxser import workdir as workdir_lib
-from jaxser.data import pipeline, shards
-from jaxser.train import loop
+from jaxser.data import pipeline, records, shards
+from jaxser.train import loop, resume
 
 STEPS = 6  # Two epochs of the tiny dataset.
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return prepared_data(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +222,7 @@ def _train_shard(data) -> Path:
 def test_truncated_shard_fails_at_start_naming_the_file(damage, data_dir, tmp_path, capsys):
     data = _copy_data(data_dir, tmp_path)
     shard = _train_shard(data)
-    index = shards.load_index(data, "train")
+    index = records.load_index(data, "train")
     size = shard.stat().st_size
     if damage == "record_missing":  # Cut at a record boundary: fewer records, all intact.
         size = int(index.offset[-1]) - 12
@@ -254,31 +248,31 @@ def test_missing_records_are_skipped_only_when_asked(data_dir, tmp_path):
     data = _copy_data(data_dir, tmp_path)
     shard = _train_shard(data)
     with open(shard, "r+b") as f:
-        f.truncate(int(shards.load_index(data, "train").offset[-1]) - 12)
+        f.truncate(int(records.load_index(data, "train").offset[-1]) - 12)
     (data / shards.index_name("train")).unlink()
     info = shards.load_dataset_info(data)
-    with pytest.raises(loop.DataError, match="19 of 20 records"):
-        loop._check_split_complete(str(data), "train", info)
-    records = []
+    with pytest.raises(records.DataError, match="19 of 20 records"):
+        records.check_complete(str(data), "train", info)
+    logged = []
     handler = logging.Handler()
-    handler.emit = records.append  # The jaxser logger does not propagate to pytest's.
+    handler.emit = logged.append  # The jaxser logger does not propagate to pytest's.
     logging.getLogger("jaxser").addHandler(handler)
     try:
-        loop._check_split_complete(str(data), "train", info, skip=True)
+        records.check_complete(str(data), "train", info, skip=True)
     finally:
         logging.getLogger("jaxser").removeHandler(handler)
-    assert any("19 of 20 records" in r.getMessage() for r in records)
+    assert any("19 of 20 records" in r.getMessage() for r in logged)
 
 
 def test_corrupt_record_stops_training_naming_the_file(data_dir, tmp_path):
     data = _copy_data(data_dir, tmp_path)
     shard = _train_shard(data)
-    index = shards.load_index(data, "train")
+    index = records.load_index(data, "train")
     with open(shard, "r+b") as f:  # Same size, garbage where every record's payload starts.
         for offset in index.offset.tolist():
             f.seek(offset)
             f.write(b"\xff" * 16)
-    with pytest.raises(loop.DataError) as err:
+    with pytest.raises(records.DataError) as err:
         loop.train(load_cfg(tmp_path / "w", data, "--config.train.max_steps=2"))
     message = str(err.value)
     assert "step 1" in message and str(shard) in message and "DataLoss" in message, message
@@ -302,11 +296,11 @@ def test_resume_with_another_model_fails_before_any_step(data_dir, reference, tm
     workdir = tmp_path / "w"
     shutil.copytree(reference[0], workdir)
     rows = len(train_metrics(workdir))
-    with pytest.raises(loop.ResumeMismatch,
+    with pytest.raises(resume.ResumeMismatch,
                        match=r"model\.encoder_overrides\.d_model: checkpoint 32 vs now 64"):
         loop.train(load_cfg(workdir, data_dir, f"--config.train.max_steps={STEPS + 2}",
                             "--config.model.encoder_overrides.d_model=64"))
-    with pytest.raises(loop.ResumeMismatch, match=r"optim\.freeze"):
+    with pytest.raises(resume.ResumeMismatch, match=r"optim\.freeze"):
         loop.train(load_cfg(workdir, data_dir, f"--config.train.max_steps={STEPS + 2}",
                             "--config.optim.freeze=('encoder/conv*',)"))
     assert len(train_metrics(workdir)) == rows and latest_step(workdir) == STEPS
@@ -315,24 +309,24 @@ def test_resume_with_another_model_fails_before_any_step(data_dir, reference, tm
 def test_check_resume_compatible_names_fields_labels_and_shapes(data_dir, tmp_path):
     cfg = load_cfg(tmp_path, data_dir)
     saved = json.loads(json.dumps(cfg.to_dict(), default=list))
-    loop._check_resume_compatible(saved, cfg)  # Same config: fine.
+    resume.check_compatible(saved, cfg)  # Same config: fine.
     free = load_cfg(tmp_path, data_dir, "--config.model.dtype=bfloat16",
                     "--config.model.remat=True", "--config.optim.lr=0.5")
-    loop._check_resume_compatible(saved, free)  # Precision, remat, rates: free to change.
+    resume.check_compatible(saved, free)  # Precision, remat, rates: free to change.
     other = load_cfg(tmp_path, data_dir, "--config.model.pooling=attentive_stats",
                      "--config.loss.center=0.1")
-    with pytest.raises(loop.ResumeMismatch) as err:
-        loop._check_resume_compatible(saved, other)
+    with pytest.raises(resume.ResumeMismatch) as err:
+        resume.check_compatible(saved, other)
     assert "model.pooling: checkpoint 'mean' vs now 'attentive_stats'" in str(err.value)
     assert "loss.center>0: checkpoint False vs now True" in str(err.value)
-    with pytest.raises(loop.ResumeMismatch, match="labels: checkpoint"):
-        loop._check_resume_compatible(saved, cfg, ["a", "b"], ["b", "a"])
+    with pytest.raises(resume.ResumeMismatch, match="labels: checkpoint"):
+        resume.check_compatible(saved, cfg, ["a", "b"], ["b", "a"])
     shapes = {"params/head/kernel": ((32, 4), "float32")}
-    with pytest.raises(loop.ResumeMismatch,
+    with pytest.raises(resume.ResumeMismatch,
                        match=r"params/head/kernel: checkpoint float32\[32, 4\] vs now "
                              r"float32\[32, 5\]"):
-        loop._check_resume_compatible(saved, cfg, saved_shapes=shapes,
-                                      now_shapes={"params/head/kernel": ((32, 5), "float32")})
+        resume.check_compatible(saved, cfg, saved_shapes=shapes,
+                                now_shapes={"params/head/kernel": ((32, 5), "float32")})
 
 
 # --------------------------------------------------------------------------------------

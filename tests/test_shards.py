@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from jaxser.data import shards
+from jaxser.data import records, shards
 
 K = 4
 
@@ -98,8 +98,8 @@ def test_tfds_builder_reads_the_same(data_dir):
 
 def test_index_matches_a_scan(data_dir):
     d, exs, _ = data_dir
-    idx = shards.load_index(d, "train")
-    scan = shards.build_index(d, "train")
+    idx = records.load_index(d, "train")
+    scan = records.build_index(d, "train")
     assert idx.files == scan.files and idx.num_classes == scan.num_classes == K
     for k in ("shard", "offset", "nbytes", "length", "crc"):
         np.testing.assert_array_equal(getattr(idx, k), getattr(scan, k))
@@ -109,37 +109,37 @@ def test_index_matches_a_scan(data_dir):
 
 def test_index_holds_the_crc32_of_every_payload(data_dir):
     d, _, _ = data_dir
-    idx = shards.load_index(d, "train")
+    idx = records.load_index(d, "train")
     assert int(np.load(d / shards.index_name("train"))["version"]) == shards.INDEX_VERSION
     for row in range(len(idx)):
         with open(d / idx.files[int(idx.shard[row])], "rb") as f:
             f.seek(int(idx.offset[row]))
             payload = f.read(int(idx.nbytes[row]))
         assert zlib.crc32(payload) == int(idx.crc[row])
-        assert shards.record_problem(payload, int(idx.nbytes[row]), int(idx.crc[row])) is None
+        assert records.record_problem(payload, int(idx.nbytes[row]), int(idx.crc[row])) is None
     bad = bytes([payload[0] ^ 1]) + payload[1:]
-    assert "checksum mismatch" in shards.record_problem(bad, len(payload), int(idx.crc[-1]))
-    assert "truncated" in shards.record_problem(payload[:-3], len(payload), int(idx.crc[-1]))
+    assert "checksum mismatch" in records.record_problem(bad, len(payload), int(idx.crc[-1]))
+    assert "truncated" in records.record_problem(payload[:-3], len(payload), int(idx.crc[-1]))
 
 
 def test_masked_crc32c_matches_tfrecord_headers(data_dir):
     d, _, names = data_dir
     with open(d / names[0], "rb") as f:
         head = f.read(12)
-    assert shards._masked_crc32c(head[:8]) == struct.unpack("<I", head[8:])[0]
+    assert records._masked_crc32c(head[:8]) == struct.unpack("<I", head[8:])[0]
 
 
 @pytest.mark.parametrize("old", ["version_1", "garbage"])
 def test_old_or_unreadable_index_is_rebuilt_with_checksums(tmp_path, old):
     shards.write_split(tmp_path, "train", _examples(9), K, target_shard_bytes=1500)
     path = tmp_path / shards.index_name("train")
-    want = shards.load_index(tmp_path, "train")
+    want = records.load_index(tmp_path, "train")
     if old == "version_1":  # The format before checksums: no `crc`, no `version`.
         z = dict(np.load(path))
         np.savez(path, **{k: v for k, v in z.items() if k not in ("crc", "version")})
     else:
         path.write_bytes(b"PK\x03\x04 not a zip")
-    got = shards.load_index(tmp_path, "train")
+    got = records.load_index(tmp_path, "train")
     np.testing.assert_array_equal(got.crc, want.crc)
     np.testing.assert_array_equal(got.offset, want.offset)
     assert int(np.load(path)["version"]) == shards.INDEX_VERSION  # Saved again, current.
@@ -155,12 +155,12 @@ def _flip(path, at: int) -> None:
 
 def test_scan_leaves_out_a_damaged_frame_and_goes_on(tmp_path):
     names = shards.write_split(tmp_path, "train", _examples(12), K, target_shard_bytes=1500)
-    want = shards.load_index(tmp_path, "train")
+    want = records.load_index(tmp_path, "train")
     rows = np.flatnonzero(want.shard == 0)
     assert rows.size >= 3
     _flip(tmp_path / names[0], int(want.offset[1]) + 20)  # A payload byte of record 1.
     os.remove(tmp_path / shards.index_name("train"))
-    got = shards.load_index(tmp_path, "train")
+    got = records.load_index(tmp_path, "train")
     assert got.problems == (f"{names[0]}: record 1 (byte {int(want.offset[1]) - 12}): "
                             f"DataLossError: corrupted record at {int(want.offset[1])}",)
     keep = np.arange(len(want)) != 1
@@ -168,15 +168,15 @@ def test_scan_leaves_out_a_damaged_frame_and_goes_on(tmp_path):
         np.testing.assert_array_equal(getattr(got, k), getattr(want, k)[keep])
     # Not saved (it would go stale when the shard is restored); memoised instead.
     assert not (tmp_path / shards.index_name("train")).exists()
-    assert shards.load_index(tmp_path, "train") is got
+    assert records.load_index(tmp_path, "train") is got
 
 
 def test_scan_stops_in_a_shard_whose_length_header_is_damaged(tmp_path):
     names = shards.write_split(tmp_path, "train", _examples(12), K, target_shard_bytes=1500)
-    want = shards.load_index(tmp_path, "train")
+    want = records.load_index(tmp_path, "train")
     n0 = int(np.sum(want.shard == 0))
     _flip(tmp_path / names[0], int(want.offset[1]) - 12 + 1)  # The length of record 1.
-    got = shards.build_index(tmp_path, "train")
+    got = records.build_index(tmp_path, "train")
     assert len(got.problems) == 1 and got.problems[0].startswith(f"{names[0]}: record 1 ")
     assert "length header is damaged: the rest of the shard" in got.problems[0]
     assert len(got) == len(want) - (n0 - 1)  # Records 1.. of shard 0 are lost, not others.
@@ -187,7 +187,7 @@ def test_missing_index_is_rebuilt(tmp_path):
     exs = _examples(4)
     shards.write_split(tmp_path, "train", exs, K)
     os.remove(tmp_path / shards.index_name("train"))
-    idx = shards.load_index(tmp_path, "train")
+    idx = records.load_index(tmp_path, "train")
     assert len(idx) == 4
     assert (tmp_path / shards.index_name("train")).exists()
 
@@ -199,7 +199,7 @@ def test_rewrite_removes_stale_shards(tmp_path):
     assert len(first) > 1 and len(second) == 1
     left = sorted(f for f in os.listdir(tmp_path) if ".tfrecord-" in f)
     assert left == list(second)
-    assert len(shards.load_index(tmp_path, "train")) == 3
+    assert len(records.load_index(tmp_path, "train")) == 3
 
 
 def test_empty_split_gets_one_empty_shard(tmp_path):

@@ -68,7 +68,8 @@ def _rms_db(audio: np.ndarray) -> float:
 def test_manifest_columns_and_distributions(corpus: Path) -> None:
     rows = _read_manifest(corpus)
     assert len(rows) == 12
-    assert tuple(rows[0]) == (*MANIFEST_COLUMNS, "distribution")
+    assert tuple(rows[0]) == (*MANIFEST_COLUMNS, "distribution",
+                              *synthetic.DIMENSION_COLUMNS)
     for row in rows:
         assert not Path(row["path"]).is_absolute() and (corpus.parent / row["path"]).is_file()
         assert row["path"] == f"wav/{row['id']}.wav"
@@ -104,7 +105,8 @@ def test_pure_and_mixed_labels(corpus: Path) -> None:
 def test_other_label_formats(tmp_path: Path, corpus: Path, label_format: str) -> None:
     manifest = synthetic.generate_corpus(tmp_path, seed=7, label_format=label_format, **TINY)
     rows, reference = _read_manifest(manifest), _read_manifest(corpus)
-    assert tuple(rows[0]) == (*MANIFEST_COLUMNS, *synthetic.label_columns(label_format))
+    assert tuple(rows[0]) == (*MANIFEST_COLUMNS, *synthetic.label_columns(label_format),
+                              *synthetic.DIMENSION_COLUMNS)
     for row, ref in zip(rows, reference, strict=True):
         dist = json.loads(ref["distribution"])
         if label_format == "columns":

@@ -14,7 +14,7 @@ import transformers
 from jax.sharding import PartitionSpec as P
 from transformers.models.whisper import modeling_whisper
 
-from jaxser.models import whisper
+from jaxser.models import convert, whisper
 
 MAX_POS = 50  # 100 input frames: small, so every mode stays fast
 
@@ -54,7 +54,7 @@ def _small(**overrides) -> whisper.WhisperConfig:
 def test_hidden_states_match_pytorch(num_mel):
     model, state = _hf_encoder(num_mel)
     cfg = whisper.WhisperConfig.from_hf(model.config, attention="einsum")
-    params = whisper.params_from_torch(state, cfg)
+    params = convert.params_from_torch(state, cfg)
     x = _features(2, 2 * MAX_POS, num_mel)
     out = jax.jit(whisper.WhisperEncoder(cfg).apply)({"params": params}, x)
     with torch.no_grad():
@@ -74,7 +74,7 @@ def test_xla_attention_matches_einsum():
     for impl in ("einsum", "xla"):
         cfg = _small(attention=impl)
         out = jax.jit(whisper.WhisperEncoder(cfg).apply)(
-                {"params": whisper.params_from_torch(state, cfg)}, x)
+                {"params": convert.params_from_torch(state, cfg)}, x)
         outs.append(np.asarray(out.hidden_states[-1]))
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
 
@@ -82,12 +82,12 @@ def test_xla_attention_matches_einsum():
 def test_conversion_round_trip_and_tree():
     _, state = _hf_encoder()
     cfg = _small()
-    params = whisper.params_from_torch(state, cfg)
-    back = whisper.params_to_torch(params, cfg)
+    params = convert.params_from_torch(state, cfg)
+    back = convert.params_to_torch(params, cfg)
     assert set(back) == set(state)
     for k, v in state.items():
         np.testing.assert_array_equal(back[k], v)
-    assert {k: v.shape for k, v in state.items()} == whisper.torch_shapes(cfg)
+    assert {k: v.shape for k, v in state.items()} == convert.torch_shapes(cfg)
     init = jax.jit(whisper.WhisperEncoder(cfg).init)(jax.random.key(0),
                                                      _features(1, 2 * MAX_POS, 80))
     init_shapes = jax.tree.map(np.shape, nn.meta.unbox(init)["params"])
@@ -112,7 +112,7 @@ def test_thirty_second_mode_rejects_other_lengths():
 def test_variable_length_padding_invariance():
     _, state = _hf_encoder()
     cfg = _small(variable_length=True, mask_attention=True, attention="einsum")
-    params = {"params": whisper.params_from_torch(state, cfg)}
+    params = {"params": convert.params_from_torch(state, cfg)}
     enc = whisper.WhisperEncoder(cfg)
     lengths = [60, 37]  # odd length: ceil(37 / 2) = 19 output frames
     x = _features(2, 60, 80, seed=3)
@@ -133,7 +133,7 @@ def test_variable_length_full_input_equals_thirty_second_mode():
     _, state = _hf_encoder()
     x = _features(1, 2 * MAX_POS, 80)
     cfg = _small()
-    p = {"params": whisper.params_from_torch(state, cfg)}
+    p = {"params": convert.params_from_torch(state, cfg)}
     a = jax.jit(whisper.WhisperEncoder(cfg).apply)(p, x).hidden_states[-1]
     b = jax.jit(whisper.WhisperEncoder(dataclasses.replace(
             cfg, variable_length=True, mask_attention=True)).apply)(p, x).hidden_states[-1]
@@ -145,10 +145,10 @@ def test_bfloat16_compute_is_close():
     x = _features(2, 2 * MAX_POS, 80)
     ref_cfg = _small()
     ref = jax.jit(whisper.WhisperEncoder(ref_cfg).apply)(
-            {"params": whisper.params_from_torch(state, ref_cfg)}, x).hidden_states[-1]
+            {"params": convert.params_from_torch(state, ref_cfg)}, x).hidden_states[-1]
     cfg = _small(dtype="bfloat16")
     out = jax.jit(whisper.WhisperEncoder(cfg).apply)(
-            {"params": whisper.params_from_torch(state, cfg)}, x).hidden_states[-1]
+            {"params": convert.params_from_torch(state, cfg)}, x).hidden_states[-1]
     assert out.dtype == jnp.bfloat16
     err = np.abs(np.asarray(out, np.float32) - np.asarray(ref))
     assert err.max() < 0.1 * np.abs(np.asarray(ref)).max() and err.mean() < 0.02
@@ -160,7 +160,7 @@ def test_remat_gives_identical_outputs_and_grads():
     results = []
     for remat in (False, True):
         cfg = _small(remat=remat, variable_length=True)
-        params = whisper.params_from_torch(state, cfg)
+        params = convert.params_from_torch(state, cfg)
         enc = whisper.WhisperEncoder(cfg)
 
         def loss(p, enc=enc):

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.fft
 
+from jaxser.constants import SAMPLE_RATE
+
 # Noise colour name -> integer code used by `add_noise` (power spectrum ~ 1 / f**code).
 NOISE_COLORS = {"white": 0, "pink": 1, "brown": 2}
 # Equaliser filter kind name -> integer code used by `equalize`.
@@ -43,7 +45,9 @@ class WaveformAugmentConfig:
     noise_snr_db: tuple[float, float] = (5.0, 30.0)  # SNR range in dB against the valid part
     noise_colors: tuple[str, ...] = ("white", "pink", "brown")  # colours drawn uniformly
     speed_p: float = 0.2  # probability of a speed change (resampling)
-    speed_range: tuple[float, float] = (0.9, 1.1)  # speed factor range (>1 is faster/shorter)
+    # Speed factor range (>1 is faster/shorter). A slowed clip is never cut at the end of its
+    # buffer: where length / factor would exceed it, the factor is raised to length / N.
+    speed_range: tuple[float, float] = (0.9, 1.1)
     speed_method: str = "linear"  # interpolation: 'linear' or 'sinc' (windowed sinc)
     eq_p: float = 0.2  # probability of random equalisation
     eq_gain_db: tuple[float, float] = (-6.0, 6.0)  # per-band gain range in dB (uniform)
@@ -53,7 +57,7 @@ class WaveformAugmentConfig:
     echo_p: float = 0.2  # probability of adding one echo
     echo_delay_ms: tuple[float, float] = (50.0, 500.0)  # echo delay range in ms (uniform)
     echo_decay: tuple[float, float] = (0.1, 0.5)  # echo amplitude factor range (uniform)
-    sample_rate: int = 16000  # audio sample rate in Hz
+    sample_rate: int = SAMPLE_RATE  # audio sample rate in Hz
 
     def __post_init__(self):
         for name in ("polarity_p", "gain_p", "reverse_p", "noise_p", "speed_p", "eq_p",
@@ -194,6 +198,8 @@ def change_speed(
     """Plays each example `factor` [B] times faster: y[t] = x(t * factor) (pitch moves too).
 
     The new length is round(length / factor) clipped to the buffer; samples past it are zero.
+    A factor below length / N therefore loses the clip's tail; `augment_waveform` never asks
+    for one (it raises the factor to length / N, so a slowed clip always stays whole).
     `method='linear'` interpolates linearly (cheap, some aliasing when speeding up);
     `method='sinc'` uses a Hann-windowed sinc of `sinc_half_width` input samples each side
     with its cut-off lowered to 1 / factor when speeding up (anti-aliased).
@@ -390,6 +396,9 @@ def augment_waveform(
     k_apply, k_value = jax.random.split(keys["speed"])
     apply = coin(k_apply, cfg.speed_p)
     factor = jnp.where(apply, _uniform(k_value, (b,), cfg.speed_range), 1.0)
+    # Keep a slowed clip whole: slow it at most until it fills its buffer of n samples (a
+    # clip that already fills its bucket is not slowed; speeding up is unaffected).
+    factor = jnp.maximum(factor, lengths.astype(jnp.float32) / n)
     fast, fast_len = change_speed(audio, lengths, factor, method=cfg.speed_method)
     audio, lengths = _select(apply, fast, audio), jnp.where(apply, fast_len, lengths)
 

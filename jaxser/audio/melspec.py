@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-WHISPER_SAMPLES = 480_000  # 30 s at 16 kHz: the input length of original Whisper.
+from jaxser.constants import SAMPLE_RATE
+
+WHISPER_SAMPLES = 30 * SAMPLE_RATE  # 30 s: the input length of original Whisper.
 
 
 @functools.lru_cache(maxsize=8)
@@ -88,7 +90,7 @@ def log_mel_spectrogram(
         lengths: jax.Array | None = None,
         *,
         num_mel_bins: int = 80,
-        sample_rate: int = 16000,
+        sample_rate: int = SAMPLE_RATE,
         n_fft: int = 400,
         hop_length: int = 160,
 ) -> tuple[jax.Array, jax.Array]:

@@ -21,6 +21,7 @@ def energy_adaptive_mixup(
         lengths: jax.Array,
         labels: jax.Array,
         *,
+        valid: jax.Array | None = None,
         prob: float = 1.0,
         snr_db: tuple[float, float] = (-5.0, 10.0),
         max_fraction: float = 0.5,
@@ -28,8 +29,11 @@ def energy_adaptive_mixup(
 ):
     """Mixes a scaled segment of another utterance into each target, with energy-set labels.
 
-    For each target i (audio [B, N] with valid length L_i, labels [B, K]):
-      * partner j = (i + r) mod B for one random roll r in [1, B) (j != i when B > 1);
+    For each target i (audio [B, N] with valid length L_i, labels [B, K], `valid` [B] the
+    batch's real-row mask, 1 / True for a real example and 0 for batch padding, which is a
+    copy of a real example and must not be mixed in; None: every row is real):
+      * partner j uniform among the real rows other than i (drawn independently per
+        target); a padding target, or a target without another real row, is not mixed;
       * segment length L_seg uniform in [1, min(L_j, floor(max_fraction * L_i))], taken
         from j at a random start in [0, L_j - L_seg], added to i at a random offset
         o in [0, L_i - L_seg] (so it stays inside the target's valid part);
@@ -40,13 +44,14 @@ def energy_adaptive_mixup(
       * with E_i = sum_{t < L_i} x_i[t]^2 and E_j = sum_t (g * seg[t])^2 = g^2 * L_seg * P_seg,
             y_i' = (E_i * y_i + E_j * y_j) / (E_i + E_j)
         (E_j / E_i = (L_seg / L_i) * 10^(-s / 10)).
-    Each target is mixed with probability `prob`; others are returned unchanged. Silent
+    Each real target is mixed with probability `prob`; others are returned unchanged. Silent
     targets or segments get no mix (g = 0). Labels stay convex combinations (rows sum to 1
     when the input rows do); lengths are unchanged and padding stays zero.
 
     Returns (audio, labels), or (audio, labels, info) with `return_info=True`, where info
     holds the per-example partner, segment_start, segment_length, offset, snr_db, scale,
-    applied, energy_target and energy_segment ([B] each) for tests and debugging.
+    applied, energy_target and energy_segment ([B] each) for tests and debugging (partner is
+    the row itself where no partner could be drawn).
     """
     if audio.ndim != 2 or lengths.shape != audio.shape[:1] or labels.shape[:1] != lengths.shape:
         raise ValueError(f"need audio [B, N], lengths [B], labels [B, K]; got {audio.shape}, "
@@ -54,13 +59,17 @@ def energy_adaptive_mixup(
     if not 0.0 < max_fraction <= 1.0:
         raise ValueError(f"max_fraction={max_fraction} must be in (0, 1]")
     b, n = audio.shape
-    k_roll, k_apply, k_len, k_start, k_off, k_snr = jax.random.split(key, 6)
-    valid = _valid(lengths, n)
-    audio = jnp.where(valid, audio, 0.0)
+    if valid is not None and valid.shape != lengths.shape:
+        raise ValueError(f"valid {valid.shape} must be [B] like lengths {lengths.shape}")
+    k_partner, k_apply, k_len, k_start, k_off, k_snr = jax.random.split(key, 6)
+    audio = jnp.where(_valid(lengths, n), audio, 0.0)
     lengths = lengths.astype(jnp.int32)
 
-    roll = jax.random.randint(k_roll, (), 1, max(b, 2)) % b
-    partner = (jnp.arange(b) + roll) % b  # [B]
+    real = jnp.ones((b,), bool) if valid is None else jnp.asarray(valid) > 0  # [B]
+    candidate = real[None, :] & ~jnp.eye(b, dtype=bool)  # [B, B]: j real and j != i
+    has_partner = real & jnp.any(candidate, axis=1)
+    drawn = jax.random.categorical(k_partner, jnp.where(candidate, 0.0, -jnp.inf), axis=-1)
+    partner = jnp.where(has_partner, drawn, jnp.arange(b)).astype(jnp.int32)  # [B]
     partner_len = lengths[partner]
     max_len = jnp.minimum(partner_len, jnp.floor(max_fraction * lengths).astype(jnp.int32))
     max_len = jnp.maximum(max_len, 0)
@@ -74,7 +83,7 @@ def energy_adaptive_mixup(
     seg_start = uniform_int(k_start, jnp.maximum(partner_len - seg_len, 0))
     offset = uniform_int(k_off, jnp.maximum(lengths - seg_len, 0))
     snr = jax.random.uniform(k_snr, (b,), jnp.float32, snr_db[0], snr_db[1])
-    applied = jax.random.bernoulli(k_apply, prob, (b,)) & (seg_len > 0)
+    applied = jax.random.bernoulli(k_apply, prob, (b,)) & (seg_len > 0) & has_partner
 
     t = jnp.arange(n)[None, :]
     inside = (t >= offset[:, None]) & (t < (offset + seg_len)[:, None])  # [B, N]

@@ -5,7 +5,9 @@ layout and label files and writes one manifest row per utterance (the project co
 see DESIGN.md): `path` (relative to the manifest's folder), `id`, `speaker`, `corpus`,
 `language`, `gender`, `age` (empty when unknown), group columns, and the label: either
 `label` holding the corpus' OWN class name (harmonisation to a target taxonomy happens later,
-in `jaxser prepare`, through map files) or, for EM2LDL, one column per class.
+in `jaxser prepare`, through map files) or, for EM2LDL, one column per class. Corpora with
+emotion dimensions (IEMOCAP, MSP-IMPROV, MSP-Podcast) add `arousal`, `valence`, `dominance`
+on the corpus' own scale and declare it in `dimension_scale` (e.g. `1-5`).
 
 Each adapter is a function `root -> rows`: it reads file names and text label files only and
 never decodes audio, so building a manifest of a large corpus takes seconds. Rows carry
@@ -29,7 +31,7 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 Row = dict[str, str]
 
@@ -54,6 +56,8 @@ LAYOUTS: dict[str, str] = {
     "esd": "0001/Angry/[train|evaluation|test/]0001_000351.wav",
     "em2ldl": "a label CSV with an AudioID column (in the root, labels/ or label/) and "
     "wav/<AudioID>.wav or audio/<AudioID>.wav",
+    "msp_podcast": "Labels/labels_consensus.csv (FileName, EmoClass, EmoAct, EmoVal, EmoDom, "
+    "SpkrID, Gender, Split_Set) and Audios/<FileName>",
 }
 
 # Alternative spellings accepted for --corpus.
@@ -64,6 +68,8 @@ _ALIASES = {
     "berlin": "emodb",
     "mspimprov": "msp_improv",
     "msp": "msp_improv",
+    "msppodcast": "msp_podcast",
+    "msp_podcast_challenge": "msp_podcast",
 }
 
 
@@ -124,13 +130,13 @@ def _finish(corpus: str, root: Path, rows: list[Row], skipped: int = 0) -> list[
         seen.add(row["id"])
         unique.append(row)
     if len(unique) < len(rows):
-        logger.warning(
+        log.warning(
             "%s: %d duplicate files (same id) skipped, first copy in path order kept",
             corpus,
             len(rows) - len(unique),
         )
     if skipped:
-        logger.info("%s: %d files skipped (named otherwise, or not wanted)", corpus, skipped)
+        log.info("%s: %d files skipped (named otherwise, or not wanted)", corpus, skipped)
     if not unique:
         raise _no_files(corpus, root, "no files of this corpus")
     return unique
@@ -202,7 +208,7 @@ def _cremad_demographics(root: Path) -> dict[str, dict[str, str]]:
     """ActorID -> {Age, Sex, Race, Ethnicity} from VideoDemographics.csv, or {} if absent."""
     candidates = sorted(p for p in root.rglob("VideoDemographics.csv") if p.is_file())
     if not candidates:
-        logger.warning("cremad: no VideoDemographics.csv under %s, gender and age left empty", root)
+        log.warning("cremad: no VideoDemographics.csv under %s, gender and age left empty", root)
         return {}
     with open(candidates[0], newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f, skipinitialspace=True)
@@ -464,15 +470,19 @@ def iemocap(root: Path, merge_excited: bool = True) -> list[Row]:
     Each utterance line reads `[start - end]<TAB>utterance<TAB>label<TAB>[V, A, D]`, e.g.
     `[6.2901 - 8.2357]  Ses01F_impro01_F000  neu  [2.5000, 2.5000, 2.5000]`; the audio is
     `Session{N}/sentences/wav/<dialog>/<utterance>.wav` with `<dialog>` the utterance id less
-    its last `_` part. In `Ses01F_impro01_F000` the `F` of `Ses01F` is who wore the markers in
-    that dialog; the speaking actor's gender is the first letter of the last part (`F000`), so
-    the speaker is `Ses01_F` (each session has one female and one male actor).
+    its last `_` part. The times are where the utterance sits in the dialog recording; the
+    sentence wav holds the utterance alone, so they are written as dialog_start / dialog_end
+    (not start / end, which would cut a segment out of the sentence wav). In
+    `Ses01F_impro01_F000` the `F` of `Ses01F` is who wore the markers in that dialog; the
+    speaking actor's gender is the first letter of the last part (`F000`), so the speaker is
+    `Ses01_F` (each session has one female and one male actor).
     Labels as the corpus writes them: neu, hap, exc, sad, ang, fru, sur, fea, dis, oth, xxx;
     with `merge_excited` (default) `exc` is relabelled `hap` (the usual 4-class setting) and
     `original_label` keeps the corpus' label. Rows are written even when the wav is missing
-    (prepare rejects them with a reason); their number is logged. Extra columns: session,
-    dialog, method (improvised / scripted), start, end, valence, arousal, dominance,
-    original_label, emotion_source (perceived).
+    (prepare rejects them with a reason); their number is logged. The dimensions valence,
+    arousal, dominance are the evaluators' mean on IEMOCAP's 1-5 scale (dimension_scale
+    1-5). Extra columns: session, dialog, method (improvised / scripted), dialog_start,
+    dialog_end, original_label, emotion_source (perceived).
     """
     root = _check_root("iemocap", root)
     rows, missing = [], 0
@@ -504,17 +514,18 @@ def iemocap(root: Path, merge_excited: bool = True) -> list[Row]:
                             "session": utt[:5],
                             "dialog": dialog,
                             "method": "improvised" if "_impro" in dialog else "scripted",
-                            "start": start,
-                            "end": end,
+                            "dialog_start": start,
+                            "dialog_end": end,
                             "valence": val,
                             "arousal": act,
                             "dominance": dom,
+                            "dimension_scale": "1-5",
                             "original_label": raw,
                             "emotion_source": "perceived",
                         }
                     )
     if missing:
-        logger.warning("iemocap: %d labelled utterances have no wav file (rows kept)", missing)
+        log.warning("iemocap: %d labelled utterances have no wav file (rows kept)", missing)
     if not rows:
         raise _no_files("iemocap", root, "no EmoEvaluation label lines")
     return _finish("iemocap", root, rows)
@@ -577,8 +588,9 @@ def msp_improv(root: Path) -> list[Row]:
     T other turns of the improvisation (improvised), P natural interaction between the
     scenes (natural); the letter is kept in method_code. Wavs with no label line are skipped;
     label lines with no wav are kept with the release's path (prepare rejects them), both
-    counted in the log. Extra columns: session, sentence, target_emotion, method, method_code,
-    recording_type, arousal, valence, dominance, naturalness, emotion_source (perceived).
+    counted in the log. The dimensions arousal, valence, dominance are on MSP-IMPROV's 1-5
+    scale (dimension_scale 1-5). Extra columns: session, sentence, target_emotion, method,
+    method_code, recording_type, naturalness, emotion_source (perceived).
     """
     root = _check_root("msp_improv", root)
     wavs = {w.stem: w for w in _iter_wavs(root) if _MSP_ID.match(w.stem)}
@@ -621,17 +633,146 @@ def msp_improv(root: Path) -> list[Row]:
                     "method_code": code,
                     "recording_type": recording,
                     **_msp_scores(fields[2:]),
+                    "dimension_scale": "1-5",
                     "emotion_source": "perceived",
                 }
             )
     if missing:
-        logger.warning("msp_improv: %d labelled clips have no wav file (rows kept)", missing)
+        log.warning("msp_improv: %d labelled clips have no wav file (rows kept)", missing)
     unlabelled = len(set(wavs) - used)
     if unlabelled:
-        logger.warning("msp_improv: %d wav files have no label line (skipped)", unlabelled)
+        log.warning("msp_improv: %d wav files have no label line (skipped)", unlabelled)
     if not rows:
         raise _no_files("msp_improv", root, f"no label lines in {label_file}")
     return _finish("msp_improv", root, rows)
+
+
+# ----------------------------------------------------------------------------- MSP-Podcast
+
+_PODCAST_EMOTIONS = {
+    "A": "angry",
+    "S": "sad",
+    "H": "happy",
+    "U": "surprise",
+    "F": "fear",
+    "D": "disgust",
+    "C": "contempt",
+    "N": "neutral",
+}
+_PODCAST_NO_CLASS = {"O": "other", "X": "no_agreement"}
+_PODCAST_SPLITS = {"train": "train", "development": "validation", "dev": "validation",
+                   "validation": "validation", "test1": "test", "test2": "test",
+                   "test3": "test", "test": "test"}
+_PODCAST_COLUMNS = ("FileName", "EmoClass", "EmoAct", "EmoVal", "EmoDom", "SpkrID", "Gender",
+                    "Split_Set")
+
+
+def _podcast_label_file(root: Path) -> Path | None:
+    """`Labels/labels_consensus.csv` (or anywhere under root), or None."""
+    for candidate in (root / "Labels" / "labels_consensus.csv", root / "labels_consensus.csv"):
+        if candidate.is_file():
+            return candidate
+    hits = sorted(p for p in root.rglob("labels_consensus.csv") if p.is_file())
+    return hits[0] if hits else None
+
+
+def _podcast_speaker(value: str) -> str:
+    """The release's SpkrID as a speaker id; `unknown` for Unknown / empty / -1."""
+    text = (value or "").strip()
+    if not text or text.lower() in ("unknown", "unk", "-1", "nan", "none"):
+        return "unknown"
+    return text
+
+
+def msp_podcast(root: Path, keep_other: bool = False) -> list[Row]:
+    """MSP-Podcast: `Labels/labels_consensus.csv` and the audio in `Audios/<FileName>`.
+
+    Label file columns: FileName (e.g. `MSP-PODCAST_0001_0008.wav`), EmoClass (the consensus
+    category: A angry, S sad, H happy, U surprise, F fear, D disgust, C contempt, N neutral,
+    O other, X no agreement), EmoAct, EmoVal, EmoDom (the mean arousal, valence and dominance
+    ratings, 1-7 scale: written as arousal, valence, dominance with dimension_scale 1-7),
+    SpkrID, Gender (Male / Female / Unknown), Split_Set (Train, Development, Test1, Test2, ...).
+
+    - Categories: the eight classes of the challenge's categorical task. O and X have no
+      category (the challenge trains and scores categories without them): the row is written
+      with an empty label and keeps its dimensions, `original_label` keeps the code;
+      `keep_other` writes them as `other` / `no_agreement` instead.
+    - The official split is the `split` column (Train -> train, Development -> validation,
+      Test1/Test2/Test3 -> test; `msp_split` keeps the release's name, a group column, so
+      reports give Test1 and Test2 apart): prepare it with `--split column:split`.
+    - Unknown speakers: SpkrID Unknown (or empty) is written as speaker `unknown`. The
+      official split is speaker-independent by construction and keeps such rows; a split that
+      deals speakers (speaker:, kfold:) rejects them unless prepare is told how
+      (`--unknown-speakers utterance`: each its own speaker, at the risk of one person on both
+      sides of the split).
+    Rows whose audio file is missing are written with the release's path (prepare rejects
+    them with a reason) and counted in the log. Extra columns: split, msp_split,
+    original_label, emotion_source (perceived).
+    """
+    root = _check_root("msp_podcast", root)
+    label_file = _podcast_label_file(root)
+    if label_file is None:
+        raise _no_files("msp_podcast", root, "no labels_consensus.csv")
+    base = label_file.parent.parent if label_file.parent.name == "Labels" else label_file.parent
+    audio_dir = base / "Audios"
+    with open(label_file, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f, skipinitialspace=True)
+        header = [(h or "").strip() for h in reader.fieldnames or []]
+        absent = [c for c in _PODCAST_COLUMNS if c not in header]
+        if absent:
+            raise ValueError(f"msp_podcast: {label_file} lacks columns {absent}; expected "
+                             f"layout: {LAYOUTS['msp_podcast']}")
+        records = [{(k or "").strip(): (v or "").strip() for k, v in r.items() if k}
+                   for r in reader]
+    rows, missing, unknown = [], 0, 0
+    for rec in records:
+        name = rec["FileName"]
+        if not name:
+            continue
+        if not name.lower().endswith(".wav"):
+            name += ".wav"
+        wav = audio_dir / name
+        missing += not wav.is_file()
+        code = rec["EmoClass"].upper()
+        if code in _PODCAST_EMOTIONS:
+            label = _PODCAST_EMOTIONS[code]
+        elif code in _PODCAST_NO_CLASS:
+            label = _PODCAST_NO_CLASS[code] if keep_other else ""
+        else:
+            label = code.lower()
+        speaker = _podcast_speaker(rec["SpkrID"])
+        unknown += speaker == "unknown"
+        split = rec["Split_Set"]
+        rows.append(
+            {
+                "path": _abs(wav),
+                "id": name[:-4],
+                "speaker": speaker,
+                "corpus": "msp_podcast",
+                "language": "en",
+                "gender": "" if rec["Gender"].lower() == "unknown" else _gender(rec["Gender"]),
+                "age": "",
+                "label": label,
+                "arousal": rec["EmoAct"],
+                "valence": rec["EmoVal"],
+                "dominance": rec["EmoDom"],
+                "dimension_scale": "1-7",
+                "split": _PODCAST_SPLITS.get(split.lower(), split),
+                "msp_split": split,
+                "original_label": rec["EmoClass"],
+                "emotion_source": "perceived",
+            }
+        )
+    if missing:
+        log.warning("msp_podcast: %d labelled files have no wav under %s (rows kept)", missing,
+                    audio_dir)
+    if unknown:
+        log.warning("msp_podcast: %d rows have an unknown speaker (speaker 'unknown'): fine "
+                    "with the official split (--split column:split), rejected by splits that "
+                    "deal speakers unless --unknown-speakers utterance", unknown)
+    if not rows:
+        raise _no_files("msp_podcast", root, f"no label rows in {label_file}")
+    return _finish("msp_podcast", root, rows)
 
 
 # ----------------------------------------------------------------------------- ESD
@@ -762,7 +903,7 @@ def em2ldl(root: Path) -> list[Row]:
         row["gender"] = _gender(row.get("gender", ""))
         rows.append(row)
     if missing:
-        logger.warning("em2ldl: %d of %d rows have no wav file (rows kept)", missing, len(rows))
+        log.warning("em2ldl: %d of %d rows have no wav file (rows kept)", missing, len(rows))
     if not rows:
         raise _no_files("em2ldl", root, f"no label rows in {label_csv}")
     return _finish("em2ldl", root, rows)
@@ -780,6 +921,7 @@ ADAPTERS: dict[str, Callable[..., list[Row]]] = {
     "msp_improv": msp_improv,
     "esd": esd,
     "em2ldl": em2ldl,
+    "msp_podcast": msp_podcast,
 }
 
 
@@ -832,5 +974,5 @@ def write_manifest(corpus: str, root: str | Path, out: str | Path, **options) ->
         writer = csv.DictWriter(f, fieldnames=_columns(rows), restval="")
         writer.writeheader()
         writer.writerows(rows)
-    logger.info("%s: %d rows written to %s", name, len(rows), out)
+    log.info("%s: %d rows written to %s", name, len(rows), out)
     return len(rows)

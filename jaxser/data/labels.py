@@ -1,7 +1,7 @@
 """Emotion taxonomies, harmonisation maps and label resolution for `jaxser prepare`.
 
 A *taxonomy* is the ordered class list a model predicts (built-in: `em2ldl32`, `basic`,
-`iemocap4`, stored as JSON in `jaxser/data/taxonomies/`; or a user JSON/YAML file). A
+`basic8`, `iemocap4`, stored as JSON in `jaxser/data/taxonomies/`; or a user JSON/YAML file). A
 *harmonisation map* (JSON data in `jaxser/data/maps/`, or a user file) sends each label of a
 source vocabulary to a soft distribution over a target taxonomy, or to null (the label has no
 place: rows carrying it are rejected as "unmapped label").
@@ -26,6 +26,7 @@ a taxonomy the corpus' own labels are the classes.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,7 +37,11 @@ from typing import Any
 
 import numpy as np
 
-BUILTIN_TAXONOMIES = ("em2ldl32", "basic", "iemocap4")
+log = logging.getLogger(__name__)
+
+# basic8 is basic without contempt, the generalizable-SER recipe's label set: its `common`
+# map harmonises contempt as that paper does (disgust 0.5, the other half neutral).
+BUILTIN_TAXONOMIES = ("em2ldl32", "basic", "basic8", "iemocap4")
 NEUTRAL = "neutral"
 
 # Reasons a row's label is rejected (rejected.csv "reason" column).
@@ -152,7 +157,7 @@ def _taxonomy_from_data(data: Any, default_name: str, where: str) -> Taxonomy:
 
 
 def builtin_taxonomy(name: str) -> Taxonomy:
-    """One of the built-in taxonomies (`em2ldl32`, `basic`, `iemocap4`)."""
+    """One of the built-in taxonomies (`em2ldl32`, `basic`, `basic8`, `iemocap4`)."""
     if name not in BUILTIN_TAXONOMIES:
         raise ValueError(f"unknown taxonomy {name!r}; built-in: {', '.join(BUILTIN_TAXONOMIES)}")
     text = resources.files("jaxser.data").joinpath("taxonomies", f"{name}.json").read_text()

@@ -11,12 +11,20 @@ Columns (names are matched case-insensitively, spaces and hyphens read as '_'):
   manifest's file name without extension, or its folder's name when the file is called
   manifest/metadata/labels/index), `language`, `gender`, `age`, optional `start` / `end`
   (seconds) to cut a segment, and any other column, kept as a group column.
-- The label, one of (first found wins, in this order):
+- Emotion dimensions: any of `arousal`, `valence`, `dominance` (see `jaxser.data.dimensions`
+  for aliases and scales), numbers on the corpus' scale, an empty cell a missing value; an
+  optional `dimension_scale` column declares the scale (e.g. `1-7`).
+- The label (a category), one of (first found wins, in this order):
   `distribution`: JSON, a list in taxonomy order or a mapping label -> weight;
   one column per class holding probabilities or vote counts (detected by matching column
   names against the known class names: the taxonomy's, the built-in taxonomies' and the
   maps' labels; at least two);
   `label`: one class name of the corpus' own vocabulary.
+  A row may carry a category, dimensions or both: with dimension columns, an empty label
+  (empty `label`/`distribution` cell, or every class cell empty) means "no category" and the
+  row keeps its dimensions; a row with neither is rejected ("missing label").
+- Unknown speakers: a speaker cell `unknown` or `?` (any case) marks a row whose speaker is
+  not known; `jaxser prepare` decides what such rows may do (`unknown_speakers`).
 
 Aliases: `AudioID`/`audio_id`/`utt_id` -> id, `speaker ID`/`spk` -> speaker, `lang` -> language,
 `emotion` -> label, `file`/`filename`/`filepath`/`audio_path` -> path, `sex` -> gender (an alias
@@ -36,12 +44,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jaxser.data import labels as L
+from jaxser.data import dimensions, labels
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 RESERVED = ("path", "id", "speaker", "corpus", "language", "gender", "age", "label",
-            "distribution", "start", "end")
+            "distribution", "start", "end", dimensions.SCALE_COLUMN)
+UNKNOWN_SPEAKERS = ("unknown", "?")
 KNOWN_GROUPS = ("corpus", "language", "gender", "age")
 COLUMN_ALIASES = {
     "audioid": "id", "audio_id": "id", "utt_id": "id", "utterance_id": "id", "file_id": "id",
@@ -92,6 +101,7 @@ class Manifest:
     split_column: str | None  # original name of the column a `column:` split reads
     rows: list[tuple[int, dict[str, Any] | None]]  # (row number, cells); None: malformed
     default_corpus: str = ""
+    dim_columns: dict[str, str] = field(default_factory=dict)  # dimension -> original column
 
     def cell(self, row: dict[str, Any], name: str) -> Any:
         """The cell of reserved column `name` ('' when the column is absent or empty)."""
@@ -115,9 +125,19 @@ class Record:
     attrs: dict[str, str]  # the extra group columns only
     start: float | None
     end: float | None
-    label: dict[str, Any] | list[Any]  # source weights, or a list in taxonomy order
+    label: dict[str, Any] | list[Any] | None  # source weights, a list in taxonomy order, or
+    # None: the row has no category (it has dimensions)
     split_value: str = ""
-    target: Any = field(default=None, repr=False)  # np.float32 [K], set by prepare
+    target: Any = field(default=None, repr=False)  # np.float32 [K] or None, set by prepare
+    dims: dict[str, float] = field(default_factory=dict)  # dimension -> value as given
+    dim_scale: str = ""  # the row's dimension_scale cell
+    unknown_speaker: bool = False  # the speaker cell said `unknown`
+    dims_target: Any = field(default=None, repr=False)  # np.float32 [D] 0-1, set by prepare
+    dims_mask: Any = field(default=None, repr=False)  # np.float32 [D], set by prepare
+
+    @property
+    def has_label(self) -> bool:
+        return self.label is not None
 
 
 def _text(value: Any) -> str:
@@ -212,26 +232,42 @@ def expected_columns_message() -> str:
     return ("expected columns: 'path' (or 'id'/'AudioID' with the audio at <id>.wav beside the "
             "manifest or in wav/), 'speaker' (or 'speaker ID'), and a label: 'label' (a class "
             "name), 'distribution' (JSON list or mapping), or one column per class named like "
-            "the taxonomy's classes (e.g. EM2LDL's ecstacy, joy, serenity, ...); optional: id, "
-            "corpus, language, gender, age, start, end, and other group columns")
+            "the taxonomy's classes (e.g. EM2LDL's ecstacy, joy, serenity, ...) and/or emotion "
+            "dimensions (arousal, valence, dominance); optional: id, corpus, language, gender, "
+            "age, start, end, dimension_scale, and other group columns")
 
 
 def _reserved_columns(header: list[str]) -> dict[str, str]:
     """reserved canonical name -> original column: exact names first, then aliases."""
     columns: dict[str, str] = {}
     for h in header:
-        key = L.normalize_name(h)
+        key = labels.normalize_name(h)
         if key in RESERVED and key not in columns:
             columns[key] = h
     for h in header:
-        key = COLUMN_ALIASES.get(L.normalize_name(h))
+        key = COLUMN_ALIASES.get(labels.normalize_name(h))
         if key is not None and key not in columns:
             columns[key] = h
     return columns
 
 
+def _dimension_columns(header: list[str], used: set[str]) -> dict[str, str]:
+    """dimension -> original column: canonical names first, then aliases."""
+    found: dict[str, str] = {}
+    for canonical in (True, False):
+        for h in header:
+            if h in used:
+                continue
+            key = labels.normalize_name(h)
+            dim = dimensions.column_dimension(key)
+            if dim is None or (key == dim) != canonical or dim in found:
+                continue
+            found[dim] = h
+    return {d: found[d] for d in dimensions.DIMENSIONS if d in found}
+
+
 def _find_split_column(path: Path, header: list[str], split_column: str) -> str:
-    matches = [h for h in header if L.normalize_name(h) == L.normalize_name(split_column)]
+    matches = [h for h in header if labels.normalize_name(h) == labels.normalize_name(split_column)]
     if not matches:
         raise ManifestError(f"manifest {path} has no column {split_column!r} for the split "
                             f"spec 'column:{split_column}' (columns: {', '.join(header)})")
@@ -273,11 +309,14 @@ def read_manifest(path: str | Path, class_names: set[str],
         split_col = _find_split_column(path, header, split_column)
         columns = {k: v for k, v in columns.items() if v != split_col}
     used = set(columns.values()) | {split_col}
-    class_cols = [h for h in header if h not in used and L.normalize_name(h) in class_names]
+    dim_cols = _dimension_columns(header, used)
+    used |= set(dim_cols.values())
+    class_cols = [h for h in header if h not in used and labels.normalize_name(h) in class_names]
     form = _label_form(columns, class_cols)
     missing = [n for n, ok in (("speaker", "speaker" in columns),
                                ("path or id", "path" in columns or "id" in columns),
-                               ("a label", bool(form))) if not ok]
+                               ("a label or a dimension", bool(form) or bool(dim_cols)))
+               if not ok]
     if missing:
         raise ManifestError(f"manifest {path} is missing {', '.join(missing)}: it has columns "
                             f"[{', '.join(header)}]; {expected_columns_message()}")
@@ -285,11 +324,12 @@ def read_manifest(path: str | Path, class_names: set[str],
         raise ManifestError(f"manifest {path} has no rows")
     class_cols = class_cols if form == "classes" else []
     groups = [h for h in header if h not in used and h not in class_cols]
-    logger.info("manifest %s: %d rows, label as %s%s", path, len(rows), form,
-                f" ({len(class_cols)} class columns)" if class_cols else "")
+    log.info("manifest %s: %d rows, label as %s%s%s", path, len(rows), form or "none",
+             f" ({len(class_cols)} class columns)" if class_cols else "",
+             f", dimensions {', '.join(dim_cols)}" if dim_cols else "")
     return Manifest(path=path, header=header, columns=columns, label_form=form,
                     class_columns=class_cols, group_columns=groups, split_column=split_col,
-                    rows=rows, default_corpus=default_corpus_name(path))
+                    rows=rows, default_corpus=default_corpus_name(path), dim_columns=dim_cols)
 
 
 def _parse_float(value: Any) -> float:
@@ -300,40 +340,55 @@ def _parse_float(value: Any) -> float:
     return float(str(value).strip())
 
 
-def _parse_label(m: Manifest, row: dict[str, Any]) -> dict[str, Any] | list[Any]:
-    """The row's label payload; raises LabelError (missing label, bad distribution)."""
+def _empty(cell: Any) -> bool:
+    return cell is None or (isinstance(cell, str) and not cell.strip())
+
+
+def _parse_label(m: Manifest, row: dict[str, Any], has_dims: bool
+                 ) -> dict[str, Any] | list[Any] | None:
+    """The row's label payload, None for "no category" (an empty label, allowed when the
+    manifest has dimension columns: `has_dims`); raises LabelError (missing label, bad
+    distribution)."""
+    if not m.label_form:
+        return None
     if m.label_form == "label":
         label = _text(m.cell(row, "label"))
         if not label:
-            raise L.LabelError(L.MISSING_LABEL, "empty label cell")
+            if has_dims:
+                return None
+            raise labels.LabelError(labels.MISSING_LABEL, "empty label cell")
         return {label: 1.0}
     if m.label_form == "classes":
+        if has_dims and all(_empty(row.get(col)) for col in m.class_columns):
+            return None
         weights: dict[str, Any] = {}
         for col in m.class_columns:
             cell = row.get(col)
             if cell is None or (isinstance(cell, str) and not cell.strip()):
-                weights[L.normalize_name(col)] = 0.0
+                weights[labels.normalize_name(col)] = 0.0
                 continue
             try:
-                weights[L.normalize_name(col)] = _parse_float(cell)
+                weights[labels.normalize_name(col)] = _parse_float(cell)
             except ValueError:
-                raise L.LabelError(L.BAD_DISTRIBUTION,
-                                   f"column {col!r}: {cell!r} is not a number") from None
+                raise labels.LabelError(labels.BAD_DISTRIBUTION,
+                                        f"column {col!r}: {cell!r} is not a number") from None
         return weights
     value = m.cell(row, "distribution")
     if isinstance(value, str):
         if not value.strip():
-            raise L.LabelError(L.MISSING_LABEL, "empty distribution cell")
+            if has_dims:
+                return None
+            raise labels.LabelError(labels.MISSING_LABEL, "empty distribution cell")
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
-            raise L.LabelError(L.BAD_DISTRIBUTION, f"not JSON: {e}") from None
+            raise labels.LabelError(labels.BAD_DISTRIBUTION, f"not JSON: {e}") from None
     if isinstance(value, list):
         return value
     if isinstance(value, dict):
         return {str(k): v for k, v in value.items()}
-    raise L.LabelError(L.BAD_DISTRIBUTION, f"a distribution is a JSON list or mapping, got "
-                       f"{type(value).__name__}")
+    raise labels.LabelError(labels.BAD_DISTRIBUTION, "a distribution is a JSON list or mapping, "
+                            f"got {type(value).__name__}")
 
 
 def _parse_segment(m: Manifest, row: dict[str, Any]) -> tuple[float | None, float | None]:
@@ -384,11 +439,28 @@ def _default_id(shown_path: str, start: float | None, end: float | None) -> str:
     return ident
 
 
+def _parse_dims(m: Manifest, row: dict[str, Any]) -> dict[str, float]:
+    """dimension -> value of the row's non-empty dimension cells; LabelError (bad dimension)
+    for a cell that is not a finite number."""
+    out = {}
+    for dim, col in m.dim_columns.items():
+        try:
+            value = dimensions.parse_value(row.get(col))
+        except ValueError as e:
+            raise labels.LabelError(dimensions.BAD_DIMENSION, f"column {col!r}: {e}") from None
+        if value is not None:
+            out[dim] = value
+    return out
+
+
 def parse_records(m: Manifest) -> tuple[list[Record], list[Rejection]]:
-    """Checks every row without touching audio: speaker, segment, label form, file exists.
+    """Checks every row without touching audio: speaker, segment, label form, dimension
+    values are numbers, file exists.
 
     Labels are only parsed here (into weights or a list); mapping them onto the taxonomy is
-    the caller's job. Duplicate ids are the caller's job too (they span manifests).
+    the caller's job, and so are the dimensions' scales. Duplicate ids are the caller's job
+    too (they span manifests). A row with neither a category nor a dimension value is
+    rejected ("missing label").
     """
     records: list[Record] = []
     rejected: list[Rejection] = []
@@ -416,9 +488,14 @@ def parse_records(m: Manifest) -> tuple[list[Record], list[Rejection]]:
             reject(BAD_SEGMENT, str(e))
             continue
         try:
-            label = _parse_label(m, row)
-        except L.LabelError as e:
+            dims = _parse_dims(m, row)
+            label = _parse_label(m, row, bool(m.dim_columns))
+        except labels.LabelError as e:
             reject(e.reason, e.detail)
+            continue
+        if label is None and not dims:
+            reject(labels.MISSING_LABEL, "no label and no dimension values" if m.label_form
+                   else "no dimension values")
             continue
         if not shown:
             reject(MISSING_PATH, "no path and no id")
@@ -437,5 +514,7 @@ def parse_records(m: Manifest) -> tuple[list[Record], list[Rejection]]:
         records.append(Record(
             manifest=name, row=n, id=ident, path=resolved, shown_path=shown,
             speaker=f"{corpus}/{speaker}", corpus=corpus, groups=groups, attrs=attrs,
-            start=start, end=end, label=label, split_value=split_value))
+            start=start, end=end, label=label, split_value=split_value, dims=dims,
+            dim_scale=_text(m.cell(row, dimensions.SCALE_COLUMN)),
+            unknown_speaker=speaker.lower() in UNKNOWN_SPEAKERS))
     return records, rejected

@@ -24,6 +24,7 @@ unless explicitly allowed.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections import Counter
@@ -32,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 SPLIT_VALUE_ALIASES = {

@@ -19,6 +19,14 @@ age class, base F0, formant scale, rate and loudness; corpora differ in language
 channel. Everything is deterministic by seed: the same seed gives byte-identical wav
 files and manifest.
 
+Every utterance also gets emotion dimensions that follow from how it was synthesised
+(`voice_dimensions`): arousal from its loudness, speaking rate and F0 level, valence from
+its formant shift (smiling), voice-quality perturbation (jitter, shimmer) and final pitch
+movement, dominance from its loudness, pressed voice (spectral tilt) and tremor. They are
+functions of the utterance's own voice settings (its emotion blend and its random
+variation, not the speaker's), so they can be heard and are learnable across speakers;
+they are written on MSP-Podcast's 1-7 scale.
+
 `generate_corpus` writes 16-bit wav files and a manifest in the format `jaxser prepare`
 reads, so the synthetic corpus takes exactly the path a real one would.
 """
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import zlib
 from collections.abc import Sequence
@@ -39,12 +48,21 @@ import soundfile as sf
 from scipy import signal, special
 from scipy.ndimage import uniform_filter1d
 
+from jaxser.constants import SAMPLE_RATE
+
+log = logging.getLogger(__name__)
+
 EMOTIONS = ("neutral", "happy", "sad", "angry", "fearful", "surprised")
 GENDERS = ("female", "male")
 AGES = ("young", "adult", "senior")
 LABEL_FORMATS = ("distribution", "columns", "label")
-# Columns every manifest row has; the label columns follow (see `label_columns`).
+# Columns every manifest row has; the label columns follow (see `label_columns`), then, with
+# dimensions, DIMENSION_COLUMNS.
 MANIFEST_COLUMNS = ("path", "id", "speaker", "corpus", "language", "gender", "age")
+DIMENSIONS = ("arousal", "valence", "dominance")
+DIMENSION_COLUMNS = (*DIMENSIONS, "dimension_scale")
+# The scale the dimensions are written on (MSP-Podcast's); `voice_dimensions` gives 0-1.
+DIMENSION_SCALE = (1.0, 7.0)
 
 # Decimals of the label probabilities written to the manifest.
 LABEL_DECIMALS = 4
@@ -117,6 +135,28 @@ def blend_voice(weights: np.ndarray) -> VoiceParams:
     """The voice settings of an emotion mixture: the weighted average of the profiles."""
     w = _check_weights(weights)
     return VoiceParams(*(float(v) for v in w @ _PROFILE_TABLE))
+
+
+def voice_dimensions(voice: VoiceParams) -> np.ndarray:
+    """(arousal, valence, dominance) in (0.1, 0.9) of an utterance with these voice settings.
+
+    Each is 0.5 + 0.4 tanh(z) of a linear score of the settings (neutral's scores are ~0):
+      arousal    z = 0.05 energy_db + (rate - 1) + 0.046 f0_st
+      valence    z = 10 (formant_shift - 1) - 30 (jitter - 0.009) - 8 (shimmer - 0.045)
+                     + 0.05 final_st
+      dominance  z = 0.04 energy_db + 0.5 tilt - 0.6 tremor_st
+    For the pure profiles (arousal, valence, dominance): neutral (0.50, 0.49, 0.48), happy
+    (0.69, 0.72, 0.61), sad (0.20, 0.21, 0.19), angry (0.79, 0.36, 0.76), fearful
+    (0.68, 0.17, 0.16), surprised (0.58, 0.73, 0.56).
+    """
+    v = voice
+    z = np.array([
+        0.05 * v.energy_db + (v.rate - 1.0) + 0.3 / 6.5 * v.f0_st,
+        10.0 * (v.formant_shift - 1.0) - 30.0 * (v.jitter - 0.009) - 8.0 * (v.shimmer - 0.045)
+        + 0.05 * v.final_st,
+        0.04 * v.energy_db + 0.5 * v.tilt - 0.6 * v.tremor_st,
+    ])
+    return 0.5 + 0.4 * np.tanh(z)
 
 
 def _word_voices(rng: np.random.Generator, weights: np.ndarray) -> np.ndarray:
@@ -329,7 +369,7 @@ class _Timeline:
 
 def synthesize_utterance(rng: np.random.Generator, weights: np.ndarray,
                          speaker: SpeakerProfile, language: LanguageProfile,
-                         seconds: float, sample_rate: int = 16000) -> np.ndarray:
+                         seconds: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """One utterance whose emotion mixture is `weights` (over EMOTIONS).
 
     The voice follows the blend of the emotions' profiles; in a mixture each word leans
@@ -337,6 +377,14 @@ def synthesize_utterance(rng: np.random.Generator, weights: np.ndarray,
     (the time-average stays the blend). Returns float32 mono audio of
     `round(seconds * sample_rate)` samples in [-1, 1]. All randomness comes from `rng`.
     """
+    return _synthesize(rng, weights, speaker, language, seconds, sample_rate)[0]
+
+
+def _synthesize(rng: np.random.Generator, weights: np.ndarray, speaker: SpeakerProfile,
+                language: LanguageProfile, seconds: float, sample_rate: int
+                ) -> tuple[np.ndarray, VoiceParams]:
+    """(`synthesize_utterance`'s audio, the utterance's voice settings: its emotion blend
+    with its own random variation)."""
     w = _check_weights(weights)
     sr = sample_rate
     if sr < 8000:
@@ -392,7 +440,7 @@ def synthesize_utterance(rng: np.random.Generator, weights: np.ndarray,
     floor = _unit_rms(signal.lfilter([1.0], [1.0, -0.9], rng.standard_normal(n)))
     out += floor * 10.0 ** (language.noise_db / 20.0)
     out = signal.sosfilt(_band_sos(*language.band_hz, sr), out)
-    return np.tanh(out).astype(np.float32)
+    return np.tanh(out).astype(np.float32), global_voice
 
 
 def _make_timeline(rng: np.random.Generator, weights: np.ndarray, voices: np.ndarray,
@@ -545,7 +593,7 @@ def _tilt_filter(tilt: float, sr: int) -> tuple[np.ndarray, np.ndarray]:
     """
     pole = 0.85 * max(-tilt, 0.0)
     zero = 0.7 * max(tilt, 0.0)
-    pole, zero = pole ** (16000.0 / sr), zero ** (16000.0 / sr)
+    pole, zero = pole ** (SAMPLE_RATE / sr), zero ** (SAMPLE_RATE / sr)
     b, a = np.array([1.0, -zero]), np.array([1.0, -pole])
     z = np.exp(-2j * np.pi * 500.0 / sr)
     gain = abs((b[0] + b[1] * z) / (a[0] + a[1] * z))
@@ -733,7 +781,7 @@ class UtterancePlan:
         """Wav path relative to the manifest."""
         return f"wav/{self.id}.wav"
 
-    def seconds(self, sample_rate: int = 16000) -> float:
+    def seconds(self, sample_rate: int = SAMPLE_RATE) -> float:
         """Duration in seconds."""
         return self.num_samples / sample_rate
 
@@ -742,7 +790,7 @@ def plan_corpus(*, num_speakers: int = 12, utterances_per_speaker: int = 20,
                 corpora: Sequence[str] = ("synth_en", "synth_de"), seed: int = 0,
                 mean_seconds: float = 2.5, min_seconds: float = 1.0, max_seconds: float = 4.0,
                 mixed_fraction: float = 0.6, concentration: float = 1.0,
-                sample_rate: int = 16000) -> list[UtterancePlan]:
+                sample_rate: int = SAMPLE_RATE) -> list[UtterancePlan]:
     """Speakers, emotion labels, durations and seeds of every utterance (no audio).
 
     Per speaker, `round(mixed_fraction * n)` utterances are mixtures and the pure ones
@@ -804,14 +852,19 @@ def generate_corpus(out_dir: str | Path, *, num_speakers: int = 12,
                     mean_seconds: float = 2.5, min_seconds: float = 1.0,
                     max_seconds: float = 4.0, mixed_fraction: float = 0.6,
                     concentration: float = 1.0, label_format: str = "distribution",
-                    sample_rate: int = 16000, progress: bool = False) -> Path:
+                    sample_rate: int = SAMPLE_RATE, progress: bool = False,
+                    dimensions: bool = True) -> Path:
     """Write a synthetic corpus: `out_dir/wav/*.wav` (16-bit PCM) and `out_dir/manifest.csv`.
 
     The manifest has MANIFEST_COLUMNS then the label in `label_format`: `distribution`
     (a JSON {emotion: probability}), `columns` (one column per emotion, the EM2LDL
-    layout) or `label` (the argmax class). Returns the manifest path.
+    layout) or `label` (the argmax class); with `dimensions`, DIMENSION_COLUMNS: arousal,
+    valence, dominance (`voice_dimensions` on the 1-7 scale, two decimals) and
+    dimension_scale `1-7`. Returns the manifest path.
     """
-    header = (*MANIFEST_COLUMNS, *label_columns(label_format))
+    header = (*MANIFEST_COLUMNS, *label_columns(label_format),
+              *(DIMENSION_COLUMNS if dimensions else ()))
+    lo, hi = DIMENSION_SCALE
     plans = plan_corpus(num_speakers=num_speakers, utterances_per_speaker=utterances_per_speaker,
                         corpora=corpora, seed=seed, mean_seconds=mean_seconds,
                         min_seconds=min_seconds, max_seconds=max_seconds,
@@ -828,12 +881,17 @@ def generate_corpus(out_dir: str | Path, *, num_speakers: int = 12,
     for plan in iterator:
         speaker = plan.speaker
         language = language_profile(speaker.corpus)
-        audio = synthesize_utterance(np.random.default_rng(list(plan.seed)),
-                                     np.array(plan.weights), speaker, language,
-                                     plan.num_samples / sample_rate, sample_rate)
+        audio, voice = _synthesize(np.random.default_rng(list(plan.seed)),
+                                   np.array(plan.weights), speaker, language,
+                                   plan.num_samples / sample_rate, sample_rate)
         sf.write(out_dir / plan.path, audio, sample_rate, subtype="PCM_16")
+        dims = []
+        if dimensions:
+            dims = [f"{lo + (hi - lo) * d:.2f}" for d in voice_dimensions(voice)]
+            dims.append(f"{lo:g}-{hi:g}")
         rows.append([plan.path, plan.id, speaker.speaker, speaker.corpus, language.language,
-                     speaker.gender, speaker.age, *_label_cells(plan.weights, label_format)])
+                     speaker.gender, speaker.age, *_label_cells(plan.weights, label_format),
+                     *dims])
     manifest = out_dir / "manifest.csv"
     with open(manifest, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
@@ -847,7 +905,7 @@ def long_utterance(seconds: float = 45.0, *, seed: int = 0,
                    language: LanguageProfile | None = None,
                    segment_seconds: tuple[float, float] = (4.0, 9.0),
                    mixed_fraction: float = 0.3, concentration: float = 1.0,
-                   sample_rate: int = 16000,
+                   sample_rate: int = SAMPLE_RATE,
                    ) -> tuple[np.ndarray, list[tuple[float, float, dict[str, float]]]]:
     """A long recording whose emotion changes from segment to segment.
 
@@ -889,9 +947,10 @@ def long_utterance(seconds: float = 45.0, *, seed: int = 0,
 
 
 __all__ = [
-    "AGES", "BUILTIN_CORPORA", "EMOTIONS", "EMOTION_PROFILES", "GENDERS", "LABEL_FORMATS",
+    "AGES", "BUILTIN_CORPORA", "DIMENSIONS", "DIMENSION_COLUMNS", "DIMENSION_SCALE", "EMOTIONS",
+    "EMOTION_PROFILES", "GENDERS", "LABEL_FORMATS",
     "MANIFEST_COLUMNS", "Consonant", "LanguageProfile", "SpeakerProfile", "UtterancePlan",
     "VoiceParams", "blend_voice", "generate_corpus", "label_columns", "language_profile",
     "long_utterance", "make_speakers", "plan_corpus", "round_distribution",
-    "sample_durations", "sample_mixture", "synthesize_utterance",
+    "sample_durations", "sample_mixture", "synthesize_utterance", "voice_dimensions",
 ]

@@ -7,11 +7,14 @@ Heads return raw logits / values in float32; callers apply log_softmax for the l
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
 
 Dtype = Any
 
@@ -41,7 +44,9 @@ def _activation_axes(x: jax.Array, last: str) -> tuple[str, ...]:
 
 
 class _MLP(nn.Module):
-    """Optional hidden layer (dense -> activation -> dropout) then the output layer."""
+    """Optional hidden layer (dense -> [LayerNorm] -> activation -> dropout) then the output
+    layer. With `norm` the hidden layer is the MSP-Podcast baseline's: Linear, LayerNorm,
+    ReLU, Dropout."""
 
     features: int
     out_axis: str
@@ -49,6 +54,7 @@ class _MLP(nn.Module):
     activation: str = "relu"
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    norm: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -58,6 +64,13 @@ class _MLP(nn.Module):
         in_axis = "embed"
         if self.hidden_dim:
             x = _dense(self.hidden_dim, ("embed", "mlp"), self.dtype, "hidden")(x)
+            if self.norm:
+                x = nn.LayerNorm(
+                    dtype=self.dtype, name="hidden_norm",
+                    scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                            ("mlp",)),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                           ("mlp",)))(x)
             x = nn.with_logical_constraint(act(x), _activation_axes(x, "mlp"))
             in_axis = "mlp"
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
@@ -75,6 +88,7 @@ class EmotionHead(nn.Module):
         activation: 'relu', 'gelu' or 'tanh' for the hidden layer.
         dropout_rate: dropout before the output layer (training only).
         dtype: compute dtype.
+        norm: LayerNorm after the hidden layer's dense (before the activation).
     """
 
     num_classes: int
@@ -82,6 +96,7 @@ class EmotionHead(nn.Module):
     activation: str = "relu"
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    norm: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -90,7 +105,7 @@ class EmotionHead(nn.Module):
             raise ValueError(f"EmotionHead input must be [B, D] or [B, T, D], got {x.shape}")
         logits = _MLP(
                 self.num_classes, "classes", self.hidden_dim, self.activation,
-                self.dropout_rate, self.dtype, name="mlp")(x, deterministic)
+                self.dropout_rate, self.dtype, self.norm, name="mlp")(x, deterministic)
         return nn.with_logical_constraint(logits, _activation_axes(logits, "classes"))
 
 
@@ -180,6 +195,9 @@ class DomainHead(nn.Module):
 class DimensionalHead(nn.Module):
     """Regression of emotion dimensions (arousal, valence, dominance by default).
 
+    The SER model puts it on the pooled embedding beside the emotion head; the targets
+    are the data set's dimensions normalised to 0-1 (`jaxser.data.dimensions`).
+
     Attributes:
         num_outputs: number of dimensions (3: arousal, valence, dominance).
         hidden_dim: width of an optional hidden layer.
@@ -187,6 +205,7 @@ class DimensionalHead(nn.Module):
         output_activation: 'none', 'sigmoid' (targets in [0, 1]) or 'tanh' ([-1, 1]).
         dropout_rate: dropout before the output layer (training only).
         dtype: compute dtype.
+        norm: LayerNorm after the hidden layer's dense (before the activation).
     """
 
     num_outputs: int = 3
@@ -195,6 +214,7 @@ class DimensionalHead(nn.Module):
     output_activation: str = "none"
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    norm: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -204,5 +224,5 @@ class DimensionalHead(nn.Module):
         out_act = _activation(self.output_activation, _OUTPUT_ACTIVATIONS)
         values = _MLP(
                 self.num_outputs, "classes", self.hidden_dim, self.activation,
-                self.dropout_rate, self.dtype, name="mlp")(x, deterministic)
+                self.dropout_rate, self.dtype, self.norm, name="mlp")(x, deterministic)
         return out_act(values)

@@ -1,10 +1,12 @@
 """What the encoders share: dtype names, transformers' activation names, a sharding-safe
-DenseGeneral, the layer stack (with remat that works on XLA:CPU too), and a GELU and a
-LayerNorm whose backward passes keep less memory than autodiff of their formulas."""
+DenseGeneral, the layer stack (with remat that works on XLA:CPU too), a GELU and a
+LayerNorm whose backward passes keep less memory than autodiff of their formulas, and
+`Modules`, the one way every encoder builds its layers."""
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +14,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -162,19 +166,82 @@ class LayerNorm(nn.Module):
     Its backward pass keeps the normalised input (in the input's dtype) and 1/std per
     token; autodiff of flax's LayerNorm keeps three [tokens, features] arrays (the centred
     input, its square and the normalised input: docs/benchmarks.md). Parameters `scale` and
-    `bias` as flax's, with logical axis `axis`.
+    `bias` as flax's, with logical axis `axis`; none with `affine=False` (torch's
+    `elementwise_affine=False`).
     """
 
     epsilon: float = 1e-5
     axis: str = "embed"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    affine: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         features = (x.shape[-1],)
+        if not self.affine:
+            scale, bias = jnp.ones(features, jnp.float32), jnp.zeros(features, jnp.float32)
+            return _layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
         scale = self.param("scale", partitioned(nn.initializers.ones_init(), (self.axis,)),
                            features, self.param_dtype)
         bias = self.param("bias", partitioned(nn.initializers.zeros_init(), (self.axis,)),
                           features, self.param_dtype)
         return _layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
+
+
+class Modules:
+    """Factories for an encoder's layers: compute and parameter dtype, kernel init and
+    logical axis names in one place. Every jaxser encoder builds its dense layers, layer
+    norms and convolutions through one of these (`mk = Modules.of(cfg)` inside a module's
+    `__call__`), so a new encoder family gets the same dtypes, sharding names and init.
+
+    `Modules.of(config)` reads `config.dtype`, `config.param_dtype`,
+    `config.layer_norm_eps` and (if present) `config.init_std`, the normal init of dense
+    kernels (0.02, HF's `initializer_range`, otherwise).
+    """
+
+    def __init__(self, dtype: str = "float32", param_dtype: str = "float32", *,
+                 init_std: float = 0.02, layer_norm_eps: float = 1e-5):
+        self.dtype = jnp.dtype(dtype)
+        self.param_dtype = jnp.dtype(param_dtype)
+        self.init_std = init_std
+        self.layer_norm_eps = layer_norm_eps
+
+    @classmethod
+    def of(cls, config: Any) -> Modules:
+        """The factories of an encoder config (see the class docstring for the fields)."""
+        return cls(config.dtype, config.param_dtype, init_std=getattr(config, "init_std", 0.02),
+                   layer_norm_eps=config.layer_norm_eps)
+
+    def dense(self, features: int | tuple[int, ...], kernel_axes: tuple[str | None, ...],
+              name: str, *, use_bias: bool = True) -> DenseGeneral:
+        """A projection to `features` whose kernel has logical `kernel_axes` (input axes,
+        then output axes); the bias takes the output axes' names."""
+        features = (features,) if isinstance(features, int) else tuple(features)
+        return DenseGeneral(
+                features, kernel_axes=tuple(kernel_axes),
+                bias_axes=tuple(kernel_axes[-len(features):]), use_bias=use_bias,
+                init_std=self.init_std, dtype=self.dtype, param_dtype=self.param_dtype,
+                name=name)
+
+    def layer_norm(self, name: str, axis: str = "embed", eps: float | None = None, *,
+                   affine: bool = True) -> LayerNorm:
+        """torch's LayerNorm (float32 statistics), params named by logical `axis` (none
+        with `affine=False`); `eps` defaults to the config's `layer_norm_eps`."""
+        return LayerNorm(self.layer_norm_eps if eps is None else eps, axis, self.dtype,
+                         self.param_dtype, affine, name=name)
+
+    def conv(self, features: int, kernel: int, name: str, *,
+             kernel_axes: tuple[str | None, ...], stride: int = 1,
+             padding: str | tuple[tuple[int, int], ...] = "VALID", use_bias: bool = True,
+             groups: int = 1, kernel_init: Callable | None = None) -> nn.Conv:
+        """A convolution over time in NWC layout (kernel [kernel, in / groups, features]
+        with logical `kernel_axes`, bias named by the last one); `kernel_init` defaults to
+        the dense init (normal, `init_std`)."""
+        init = kernel_init if kernel_init is not None else nn.initializers.normal(self.init_std)
+        return nn.Conv(
+                features, kernel_size=(kernel,), strides=(stride,), padding=padding,
+                feature_group_count=groups, use_bias=use_bias, dtype=self.dtype,
+                param_dtype=self.param_dtype, name=name,
+                kernel_init=partitioned(init, tuple(kernel_axes)),
+                bias_init=partitioned(nn.initializers.zeros_init(), (kernel_axes[-1],)))

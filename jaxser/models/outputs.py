@@ -6,9 +6,12 @@ alike.
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import jax
+
+log = logging.getLogger(__name__)
 
 
 class EncoderOutput(NamedTuple):

@@ -15,6 +15,7 @@ gives the same vector whatever amount of padding its batch added (up to float ro
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +25,8 @@ import jax.numpy as jnp
 
 from jaxser.models.attention import dot_product_attention
 from jaxser.models.layers import LayerNorm
+
+log = logging.getLogger(__name__)
 
 Dtype = Any
 

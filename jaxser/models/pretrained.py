@@ -1,10 +1,12 @@
 """Import and export of Hugging Face encoder checkpoints (local folders, no downloads).
 
 `load_pretrained(folder)` reads `config.json` and the weights (`model.safetensors`, a sharded
-`model.safetensors.index.json`, or `pytorch_model.bin`) of a Whisper, HuBERT or wav2vec2
-checkpoint, keeps the encoder's weights only (decoder, heads and classifiers are ignored) and
-converts them to the Flax params of jaxser's encoder. Every missing or unexpected encoder key
-and every shape mismatch is reported at once in one ValueError.
+`model.safetensors.index.json`, or `pytorch_model.bin`) of a Whisper, HuBERT, wav2vec2, WavLM
+or data2vec-audio checkpoint, keeps the encoder's weights only (decoder, heads and
+classifiers are ignored) and converts them to the Flax params of jaxser's encoder through
+`jaxser.models.convert` (the one place for torch <-> Flax conversion). Every missing or
+unexpected encoder key and every shape mismatch is reported at once in one ValueError. This
+module is the one place that reads and writes HF folders.
 
 `export_pretrained(...)` writes the inverse: a folder that transformers loads.
 - Whisper: `config.json` (a full WhisperConfig; the decoder mirrors the encoder's sizes unless
@@ -12,13 +14,14 @@ and every shape mismatch is reported at once in one ValueError.
   `preprocessor_config.json`. `WhisperModel`/`WhisperForAudioClassification.from_pretrained`
   load the encoder and initialise the absent decoder/projector/classifier (transformers warns
   about these missing weights).
-- HuBERT / wav2vec2: `config.json` and `model.safetensors` of a bare `HubertModel` /
-  `Wav2Vec2Model`.
+- HuBERT / wav2vec2 / WavLM / data2vec-audio: `config.json` and `model.safetensors` of a
+  bare `HubertModel` / `Wav2Vec2Model` / `WavLMModel` / `Data2VecAudioModel`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +29,15 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jaxser.models import whisper
+from jaxser.models import convert, emotion2vec_checkpoint
+from jaxser.models.wav2vec2_config import HF_ARCHITECTURES, HF_MODEL_TYPES, Wav2Vec2Config
+from jaxser.models.whisper import WhisperConfig
 
-FAMILIES = ("whisper", "hubert", "wav2vec2")
+log = logging.getLogger(__name__)
 
-# Prefixes under which the Whisper encoder sits in the task models (first match wins); keys
-# outside them (decoder, proj_out, projector, classifier, layer_weights) are ignored. The
-# wav2vec2 family's converter (jaxser.models.hubert.params_from_torch) strips and checks its own.
-_WHISPER_PREFIXES = ("model.encoder.", "encoder.")
-
-
-def _hubert():
-    """The wav2vec2-family module (imported lazily: written separately, heavy to trace)."""
-    from jaxser.models import hubert
-
-    return hubert
-
+FAMILIES = ("whisper", *HF_MODEL_TYPES)  # whisper, hubert, wav2vec2, wavlm, data2vec_audio
+# config.json's model_type -> family.
+_MODEL_TYPES = {"whisper": "whisper", **{t: f for f, t in HF_MODEL_TYPES.items()}}
 
 # ----------------------------------------------------------------------------------------------
 # Reading
@@ -103,40 +99,10 @@ def read_state_dict(folder: str | Path) -> dict[str, np.ndarray]:
 
 def _family_of(hf_config: dict[str, Any], folder: Path) -> str:
     model_type = hf_config.get("model_type")
-    if model_type not in FAMILIES:
+    if model_type not in _MODEL_TYPES:
         raise ValueError(f"{folder}/config.json: model_type {model_type!r} is not one of "
-                         f"{FAMILIES}")
-    return model_type
-
-
-def whisper_encoder_state_dict(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The Whisper encoder's weights with encoder-relative keys (task-model prefixes stripped).
-
-    A checkpoint with no key under the prefixes is a bare WhisperEncoder: all keys are kept.
-    """
-    for prefix in _WHISPER_PREFIXES:
-        if any(k.startswith(prefix) for k in state):
-            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return dict(state)
-
-
-def check_state_dict(state: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
-                     where: str = "checkpoint") -> None:
-    """Raises ONE ValueError listing every missing key, unexpected key and shape mismatch."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(f"{k}: checkpoint {tuple(state[k].shape)} != expected {expected[k]}"
-                        for k in set(state) & set(expected)
-                        if tuple(state[k].shape) != tuple(expected[k]))
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched)}")
-    if problems:
-        raise ValueError(f"{where} does not fit the encoder config:\n  " + "\n  ".join(problems))
+                         f"{sorted(_MODEL_TYPES)}")
+    return _MODEL_TYPES[model_type]
 
 
 def load_pretrained(path: str | Path, **overrides: Any) -> tuple[str, Any, dict]:
@@ -145,13 +111,20 @@ def load_pretrained(path: str | Path, **overrides: Any) -> tuple[str, Any, dict]
     Args:
         path: folder with `config.json` and weights of WhisperModel,
             WhisperForConditionalGeneration, WhisperForAudioClassification, HubertModel,
-            HubertForSequenceClassification, Wav2Vec2Model or Wav2Vec2ForCTC.
+            HubertForSequenceClassification, Wav2Vec2Model, Wav2Vec2ForCTC, WavLMModel,
+            WavLMForSequenceClassification, WavLMForCTC, Data2VecAudioModel or
+            Data2VecAudioForSequenceClassification (any model with that encoder); or an
+            emotion2vec checkpoint (FunASR folder with config.yaml + model.pt, or fairseq
+            `.pt`: `jaxser.models.emotion2vec_checkpoint`, its classifier left out).
         overrides: jaxser config fields to set (e.g. dtype="bfloat16", variable_length=True).
     Returns:
         (family, encoder config, params) where params is the encoder module's 'params'
         collection (numpy arrays): `encoder.apply({"params": params}, ...)`.
     """
     folder = Path(path)
+    if emotion2vec_checkpoint.is_emotion2vec(folder):  # a FunASR folder or a fairseq .pt
+        checkpoint = emotion2vec_checkpoint.load_emotion2vec(folder, **overrides)
+        return "emotion2vec", checkpoint.config, checkpoint.params
     config_file = folder / "config.json"
     if not config_file.exists():
         raise ValueError(f"no config.json in {folder}")
@@ -159,13 +132,10 @@ def load_pretrained(path: str | Path, **overrides: Any) -> tuple[str, Any, dict]
     family = _family_of(hf_config, folder)
     state = read_state_dict(folder)
     if family == "whisper":
-        config = whisper.WhisperConfig.from_hf(hf_config, **overrides)
-        state = whisper_encoder_state_dict(state)
-        check_state_dict(state, whisper.torch_shapes(config), where=str(folder))
-        return family, config, whisper.params_from_torch(state, config)
-    hubert = _hubert()
-    config = hubert.HubertConfig.from_hf(hf_config, **overrides)
-    return family, config, hubert.params_from_torch(state, config)  # checks keys itself
+        config = WhisperConfig.from_hf(hf_config, **overrides)
+    else:
+        config = Wav2Vec2Config.from_hf(hf_config, **overrides)
+    return family, config, convert.params_from_torch(state, config, where=str(folder))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,7 +154,7 @@ def export_pretrained(family: str, config: Any, params: dict, out_dir: str | Pat
     """Writes a HF checkpoint folder of the encoder (see the module docstring for what loads).
 
     Args:
-        family: "whisper", "hubert" or "wav2vec2".
+        family: one of `FAMILIES`.
         config: the jaxser encoder config.
         params: the encoder's 'params' collection (boxed or not, on device or numpy).
         out_dir: folder to create (existing files are overwritten).
@@ -199,12 +169,12 @@ def export_pretrained(family: str, config: Any, params: dict, out_dir: str | Pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     params = jax.device_get(nn.meta.unbox(params))
-    if family == "whisper":
-        state = {f"encoder.{k}": v for k, v in whisper.params_to_torch(params, config).items()}
+    state = convert.params_to_torch(params, config)
+    if family == "whisper":  # WhisperModel keeps its encoder under `encoder.`
+        state = {f"encoder.{k}": v for k, v in state.items()}
         architecture = "WhisperModel"
     else:
-        state = dict(_hubert().params_to_torch(params, config))
-        architecture = "HubertModel" if family == "hubert" else "Wav2Vec2Model"
+        architecture = HF_ARCHITECTURES[family]
     hf = {**config.to_hf(), **(hf_overrides or {})}
     hf.pop("architectures", None)
     model_type = hf.pop("model_type", family)

@@ -13,8 +13,8 @@ Two input modes:
   attention keys, so an utterance inside a padded batch gives the same valid hidden states as
   the utterance alone.
 
-Parameter tree (names follow HF so conversion is mechanical; freeze the stem with `conv1/**`,
-`conv2/**` and, as HF does, `embed_positions`):
+Parameter tree (names follow HF so conversion, in `jaxser.models.convert`, is mechanical;
+freeze the stem with `conv1/**`, `conv2/**` and, as HF does, `embed_positions`):
     conv1/{kernel,bias}  conv2/{kernel,bias}  embed_positions
     layers_{i}/self_attn/{q_proj,k_proj,v_proj,out_proj}/{kernel[,bias]}
     layers_{i}/{self_attn_layer_norm,final_layer_norm}/{scale,bias}
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -37,8 +38,10 @@ import numpy as np
 from jaxser.models.attention import IMPLEMENTATIONS, dot_product_attention
 from jaxser.models.layers import ACTIVATIONS as _ACTIVATIONS
 from jaxser.models.layers import DTYPES as _DTYPES
-from jaxser.models.layers import DenseGeneral, LayerNorm, gelu, partitioned, run_layers
+from jaxser.models.layers import Modules, gelu, partitioned, run_layers
 from jaxser.models.outputs import EncoderOutput
+
+log = logging.getLogger(__name__)
 
 _ATTENTION = IMPLEMENTATIONS
 
@@ -146,35 +149,10 @@ def _sinusoid_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.floa
     return jnp.asarray(sinusoids(*shape), dtype)
 
 
-class _Modules:
-    """Factories for the config's layer types (dtype, init, logical axes in one place)."""
-
-    def __init__(self, cfg: WhisperConfig):
-        self.cfg = cfg
-        self.dtype = _DTYPES[cfg.dtype]
-        self.param_dtype = _DTYPES[cfg.param_dtype]
-        self.kernel = nn.initializers.normal(cfg.init_std)
-
-    def dense(self, features, kernel_axes, bias_axes, name, *, use_bias=True):
-        """Projection contracting the input's last axes with a logically partitioned kernel."""
-        features = (features,) if isinstance(features, int) else tuple(features)
-        return DenseGeneral(
-                features, kernel_axes=kernel_axes, bias_axes=bias_axes, use_bias=use_bias,
-                init_std=self.cfg.init_std, dtype=self.dtype, param_dtype=self.param_dtype,
-                name=name)
-
-    def layer_norm(self, name):
-        """LayerNorm with torch's eps; statistics in float32."""
-        return LayerNorm(self.cfg.layer_norm_eps, "embed", self.dtype, self.param_dtype,
-                         name=name)
-
-    def conv(self, in_axis, stride, name):
-        """Kernel-3, padding-1 conv over time (NWC), as Whisper's stem."""
-        return nn.Conv(
-                self.cfg.d_model, kernel_size=(3,), strides=(stride,), padding=((1, 1),),
-                dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-                kernel_init=partitioned(self.kernel, ("conv_kernel", in_axis, "embed")),
-                bias_init=partitioned(nn.initializers.zeros_init(), ("embed",)))
+def _conv(mk: Modules, cfg: WhisperConfig, in_axis: str, stride: int, name: str) -> nn.Module:
+    """Kernel-3, padding-1 conv over time (NWC), as Whisper's stem."""
+    return mk.conv(cfg.d_model, 3, name, stride=stride, padding=((1, 1),),
+                   kernel_axes=("conv_kernel", in_axis, "embed"))
 
 
 class WhisperAttention(nn.Module):
@@ -185,17 +163,16 @@ class WhisperAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array | None) -> jax.Array:
         cfg = self.config
-        mk = _Modules(cfg)
+        mk = Modules.of(cfg)
         heads = (cfg.encoder_attention_heads, cfg.head_dim)
         qkv_axes = ("embed", "heads", "kv")
-        q = mk.dense(heads, qkv_axes, ("heads", "kv"), "q_proj")(x)  # [B, T, H, D]
-        k = mk.dense(heads, qkv_axes, ("heads", "kv"), "k_proj", use_bias=False)(x)
-        v = mk.dense(heads, qkv_axes, ("heads", "kv"), "v_proj")(x)
+        q = mk.dense(heads, qkv_axes, "q_proj")(x)  # [B, T, H, D]
+        k = mk.dense(heads, qkv_axes, "k_proj", use_bias=False)(x)
+        v = mk.dense(heads, qkv_axes, "v_proj")(x)
         q, k, v = (nn.with_logical_constraint(t, ("batch", "length", "heads", "kv"))
                    for t in (q, k, v))
         out = dot_product_attention(q, k, v, key_mask, cfg.attention)  # [B, T, H, D]
-        return mk.dense(cfg.d_model, ("heads", "kv", "embed"), ("embed",),
-                        "out_proj")(out)  # [B, T, E]
+        return mk.dense(cfg.d_model, ("heads", "kv", "embed"), "out_proj")(out)  # [B, T, E]
 
 
 class WhisperEncoderLayer(nn.Module):
@@ -207,17 +184,17 @@ class WhisperEncoderLayer(nn.Module):
     def __call__(self, x: jax.Array, key_mask: jax.Array | None,
                  deterministic: bool = True) -> jax.Array:
         cfg = self.config
-        mk = _Modules(cfg)
+        mk = Modules.of(cfg)
         h = mk.layer_norm("self_attn_layer_norm")(x)
         h = WhisperAttention(cfg, name="self_attn")(h, key_mask)
         x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         h = mk.layer_norm("final_layer_norm")(x)
-        h = mk.dense(cfg.encoder_ffn_dim, ("embed", "mlp"), ("mlp",), "fc1")(h)
+        h = mk.dense(cfg.encoder_ffn_dim, ("embed", "mlp"), "fc1")(h)
         h = _ACTIVATIONS[cfg.activation_function](h)
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))  # [B, T, F]
         h = nn.Dropout(cfg.activation_dropout)(h, deterministic=deterministic)
-        h = mk.dense(cfg.d_model, ("mlp", "embed"), ("embed",), "fc2")(h)
+        h = mk.dense(cfg.d_model, ("mlp", "embed"), "fc2")(h)
         x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
@@ -242,7 +219,7 @@ class WhisperEncoder(nn.Module):
             (output frame t is valid iff input frame 2t is, HF's length formula).
         """
         cfg = self.config
-        mk = _Modules(cfg)
+        mk = Modules.of(cfg)
         batch, frames, num_mel = features.shape
         out_len = (frames + 1) // 2
         if num_mel != cfg.num_mel_bins:
@@ -260,10 +237,10 @@ class WhisperEncoder(nn.Module):
         x = nn.with_logical_constraint(features.astype(mk.dtype), ("batch", "length", "num_mel"))
         if cfg.mask_attention:
             x = jnp.where(valid, x, 0)
-        x = gelu(mk.conv("num_mel", 1, "conv1")(x))
+        x = gelu(_conv(mk, cfg, "num_mel", 1, "conv1")(x))
         if cfg.mask_attention:
             x = jnp.where(valid, x, 0)
-        x = gelu(mk.conv("channels", 2, "conv2")(x))  # [B, T, E]
+        x = gelu(_conv(mk, cfg, "channels", 2, "conv2")(x))  # [B, T, E]
         mask = frame_mask[:, ::2]  # [B, T]
         positions = self.param(
                 "embed_positions", partitioned(_sinusoid_init, ("length", "embed")),
@@ -279,94 +256,10 @@ class WhisperEncoder(nn.Module):
         return EncoderOutput(hidden_states=tuple(hidden), mask=mask)
 
 
-# ----------------------------------------------------------------------------------------------
-# Conversion from / to PyTorch state dicts (encoder-relative keys: "conv1.weight", ...).
-
-
-def torch_shapes(config: WhisperConfig) -> dict[str, tuple[int, ...]]:
-    """Every key of a HF WhisperEncoder state dict with its shape."""
-    e, f, m = config.d_model, config.encoder_ffn_dim, config.num_mel_bins
-    shapes = {
-            "conv1.weight": (e, m, 3), "conv1.bias": (e,),
-            "conv2.weight": (e, e, 3), "conv2.bias": (e,),
-            "embed_positions.weight": (config.max_source_positions, e),
-            "layer_norm.weight": (e,), "layer_norm.bias": (e,),
-    }
-    for i in range(config.encoder_layers):
-        p = f"layers.{i}."
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            shapes[f"{p}self_attn.{proj}.weight"] = (e, e)
-            if proj != "k_proj":
-                shapes[f"{p}self_attn.{proj}.bias"] = (e,)
-        for norm in ("self_attn_layer_norm", "final_layer_norm"):
-            shapes[f"{p}{norm}.weight"] = (e,)
-            shapes[f"{p}{norm}.bias"] = (e,)
-        shapes.update({f"{p}fc1.weight": (f, e), f"{p}fc1.bias": (f,),
-                       f"{p}fc2.weight": (e, f), f"{p}fc2.bias": (e,)})
-    return shapes
-
-
-def _layer_from_torch(sd: dict[str, np.ndarray], p: str, cfg: WhisperConfig) -> dict:
-    h, d, e = cfg.encoder_attention_heads, cfg.head_dim, cfg.d_model
-    attn = {}
-    for proj in ("q_proj", "k_proj", "v_proj"):
-        attn[proj] = {"kernel": sd[f"{p}self_attn.{proj}.weight"].T.reshape(e, h, d)}
-        if proj != "k_proj":
-            attn[proj]["bias"] = sd[f"{p}self_attn.{proj}.bias"].reshape(h, d)
-    attn["out_proj"] = {"kernel": sd[f"{p}self_attn.out_proj.weight"].T.reshape(h, d, e),
-                        "bias": sd[f"{p}self_attn.out_proj.bias"]}
-    out = {"self_attn": attn}
-    for norm in ("self_attn_layer_norm", "final_layer_norm"):
-        out[norm] = {"scale": sd[f"{p}{norm}.weight"], "bias": sd[f"{p}{norm}.bias"]}
-    for fc in ("fc1", "fc2"):
-        out[fc] = {"kernel": sd[f"{p}{fc}.weight"].T, "bias": sd[f"{p}{fc}.bias"]}
-    return out
-
-
-def params_from_torch(state_dict: dict[str, np.ndarray], config: WhisperConfig) -> dict:
-    """Flax params (the 'params' collection, numpy arrays) of `WhisperEncoder` from HF weights.
-
-    Keys are encoder-relative ("conv1.weight", "layers.0.fc1.weight", ...); torch Linear
-    [out, in] becomes kernel [in, out] (q/k/v [embed, heads, head_dim], out_proj
-    [heads, head_dim, embed]); Conv1d [out, in, k] becomes the NWC kernel [k, in, out].
-    """
-    dtype = _DTYPES[config.param_dtype]
-    sd = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
-    params = {
-            "conv1": {"kernel": sd["conv1.weight"].transpose(2, 1, 0), "bias": sd["conv1.bias"]},
-            "conv2": {"kernel": sd["conv2.weight"].transpose(2, 1, 0), "bias": sd["conv2.bias"]},
-            "embed_positions": sd["embed_positions.weight"],
-            "layer_norm": {"scale": sd["layer_norm.weight"], "bias": sd["layer_norm.bias"]},
-    }
-    for i in range(config.encoder_layers):
-        params[f"layers_{i}"] = _layer_from_torch(sd, f"layers.{i}.", config)
-    return jax.tree.map(lambda a: np.ascontiguousarray(a, dtype), params)
-
-
-def params_to_torch(params: dict, config: WhisperConfig) -> dict[str, np.ndarray]:
-    """Inverse of `params_from_torch`: a HF encoder state dict of float32 numpy arrays."""
-    params = nn.meta.unbox(params)
-    p = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
-    e = config.d_model
-    sd = {"embed_positions.weight": p["embed_positions"],
-          "layer_norm.weight": p["layer_norm"]["scale"],
-          "layer_norm.bias": p["layer_norm"]["bias"]}
-    for conv in ("conv1", "conv2"):
-        sd[f"{conv}.weight"] = p[conv]["kernel"].transpose(2, 1, 0)
-        sd[f"{conv}.bias"] = p[conv]["bias"]
-    for i in range(config.encoder_layers):
-        layer, pre = p[f"layers_{i}"], f"layers.{i}."
-        attn = layer["self_attn"]
-        for proj in ("q_proj", "k_proj", "v_proj"):
-            sd[f"{pre}self_attn.{proj}.weight"] = attn[proj]["kernel"].reshape(e, e).T
-            if proj != "k_proj":
-                sd[f"{pre}self_attn.{proj}.bias"] = attn[proj]["bias"].reshape(e)
-        sd[f"{pre}self_attn.out_proj.weight"] = attn["out_proj"]["kernel"].reshape(e, e).T
-        sd[f"{pre}self_attn.out_proj.bias"] = attn["out_proj"]["bias"]
-        for norm in ("self_attn_layer_norm", "final_layer_norm"):
-            sd[f"{pre}{norm}.weight"] = layer[norm]["scale"]
-            sd[f"{pre}{norm}.bias"] = layer[norm]["bias"]
-        for fc in ("fc1", "fc2"):
-            sd[f"{pre}{fc}.weight"] = layer[fc]["kernel"].T
-            sd[f"{pre}{fc}.bias"] = layer[fc]["bias"]
-    return {k: np.ascontiguousarray(v) for k, v in sd.items()}
+def param_shapes(config: WhisperConfig) -> dict[str, Any]:
+    """The (unboxed) parameter tree of `WhisperEncoder(config)` as ShapeDtypeStructs."""
+    features = jax.ShapeDtypeStruct((1, 2 * config.max_source_positions, config.num_mel_bins),
+                                    jnp.float32)
+    variables = jax.eval_shape(lambda x: WhisperEncoder(config).init(jax.random.key(0), x),
+                               features)
+    return nn.meta.unbox(variables)["params"]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxser.train.metrics import metric_direction
@@ -169,3 +170,9 @@ def tree_shapes(tree) -> dict[str, tuple]:
                             for k in path)
             out[name] = (tuple(leaf.shape), str(leaf.dtype))
     return out
+
+
+def state_bytes(tree) -> int:
+    """Bytes of the array leaves of a pytree (or its abstract shapes): one checkpoint."""
+    return int(sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize
+                   for x in jax.tree.leaves(tree)))

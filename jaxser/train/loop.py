@@ -27,195 +27,57 @@ What a run guarantees (tests/test_reliability.py, tests/test_engine.py prove eac
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
-import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
+from jaxser import accelerator
 from jaxser import config as config_lib
 from jaxser import workdir as workdir_lib
-from jaxser.data import pipeline, shards
+from jaxser.constants import SAMPLE_RATE
+from jaxser.data import balance, dimensions, records, shards
 from jaxser.errors import JaxserError
-from jaxser.evaluate import evaluate_split
-from jaxser.train.checkpoint import Checkpoints, is_better, tree_shapes
+from jaxser.train import resume
+from jaxser.train.checkpoint import Checkpoints, is_better, state_bytes
+from jaxser.train.evaluation import evaluate_split
 from jaxser.train.experiment import Experiment
-from jaxser.train.writers import MetricWriter, log, setup_logging
+from jaxser.train.preemption import StopSignal
+from jaxser.train.writers import MetricWriter, setup_logging
 
-# Model fields that do not change the parameters (free to change on resume).
-_FREE_MODEL_FIELDS = ("dtype", "remat", "attention", "pretrained", "dropout")
-# Fields outside `model` that change the shape of the train state.
-_STATE_FIELDS = ("optim.name", "optim.freeze", "optim.clip_norm>0", "optim.unfreeze_after>0",
-                 "loss.center>0")
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(JaxserError):
     """Training produced NaN or inf; the workdir keeps the last good checkpoint."""
 
 
-class DataError(JaxserError):
-    """The prepared shards cannot be read as their dataset.json describes."""
-
-
-class ResumeMismatch(JaxserError):
-    """The config (or dataset) would build another train state than the checkpoint's."""
-
-
 # --------------------------------------------------------------------------------------
-# Start-up checks
+# Pieces of the loop
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
+def due(step: int, every: int, total: int) -> bool:
+    """Whether something done every `every` steps (log, evaluate, save) is due after `step`
+    of `total`: at each multiple of `every` and at the last step."""
+    return step % every == 0 or step >= total
 
 
-def _state_fields(config: dict) -> dict:
-    """The config values that decide the train state's structure and shapes."""
-    flat = _flatten(config)
-    out = {k: v for k, v in flat.items()
-           if k.startswith("model.") and k.split(".")[1] not in _FREE_MODEL_FIELDS}
-    for field in _STATE_FIELDS:
-        name, _, positive = field.partition(">")
-        value = flat.get(name)
-        if isinstance(value, list):
-            value = tuple(value)
-        out[field] = (bool(value) and value > 0) if positive and value is not None else value
-    return out
-
-
-def _check_resume_compatible(saved: dict, cfg, labels: list[str] | None = None,
-                             saved_labels: list[str] | None = None,
-                             saved_shapes: dict | None = None,
-                             now_shapes: dict | None = None) -> None:
-    """A resumed run must build the same train state; raises ResumeMismatch saying what
-    differs: config fields (`saved` is the checkpoint's config dict), the dataset's
-    labels, or the saved arrays' shapes ({path: (shape, dtype)}, when given)."""
-    now = json.loads(config_lib.config_to_json(cfg))
-    old_fields, new_fields = _state_fields(saved), _state_fields(now)
-    diffs = [f"{k}: checkpoint {old_fields.get(k)!r} vs now {new_fields.get(k)!r}"
-             for k in sorted(set(old_fields) | set(new_fields))
-             if old_fields.get(k) != new_fields.get(k)]
-    if labels is not None and saved_labels is not None and list(labels) != list(saved_labels):
-        diffs.append(f"labels: checkpoint {list(saved_labels)} vs dataset {list(labels)}")
-    if not diffs and saved_shapes and now_shapes:
-        for path in sorted(set(saved_shapes) | set(now_shapes)):
-            old, new = saved_shapes.get(path), now_shapes.get(path)
-            if old != new:
-                diffs.append(f"{path}: checkpoint {_shape_text(old)} vs now {_shape_text(new)}")
-    if diffs:
-        shown = diffs[:12] + ([f"... and {len(diffs) - 12} more"] if len(diffs) > 12 else [])
-        raise ResumeMismatch(
-            "the config changes the train state of the checkpoint in the workdir "
-            "(use a new workdir, or undo these changes to resume):\n  " + "\n  ".join(shown))
-
-
-def _shape_text(entry) -> str:
-    return "absent" if entry is None else f"{entry[1]}{list(entry[0])}"
-
-
-def _check_split_complete(data_dir: str, split: str, info: dict, skip: bool = False) -> None:
-    """The shards of `split` must hold every record dataset.json counts (never fewer);
-    `skip` (config `data.skip_corrupt`) turns a shortfall into a warning naming the files."""
-    expected = info.get("splits", {}).get(split)
-    if not expected:
-        return
-    try:
-        index = shards.load_index(data_dir, split)
-    except Exception as e:  # noqa: BLE001 - any failure here is a damaged split
-        raise DataError(f"cannot index split {split!r} in {data_dir}: {type(e).__name__}: "
-                        f"{e}{_damage_report(data_dir, split)}") from e
-    if len(index) == int(expected["count"]):
-        return
-    files = expected.get("files") or []
-    counts = expected.get("shard_lengths") or []
-    have = _records_per_file(index, files)
-    short = [f"{f} ({n} of {want} records)"
-             for f, want, n in zip(files, counts, have, strict=False) if n != want]
-    where = f": {', '.join(short)}" if short else ""
-    if skip and len(index) < int(expected["count"]):
-        log.warning("data.skip_corrupt: split %r in %s has %d of the %s records dataset.json "
-                    "counts%s; training on the rest", split, data_dir, len(index),
-                    expected["count"], where)
-        return
-    raise DataError(f"split {split!r} in {data_dir} has {len(index)} records in its shards but "
-                    f"dataset.json says {expected['count']}{where}; re-run jaxser prepare or "
-                    "restore the missing shards")
-
-
-def _records_per_file(index: shards.ShardIndex, files: list[str]) -> list[int]:
-    by_name = dict(zip(index.files, index.shard_lengths, strict=True))
-    return [by_name.get(f, 0) for f in files]
-
-
-def _damaged_shards(data_dir: str, split: str) -> list[str]:
-    """'file (problem)' for each shard of `split` whose records fail TFRecord checksums or
-    do not match the index; reads every shard once (only called after a failure)."""
-    import tensorflow as tf
-
-    try:
-        names = shards.split_files(data_dir, split)
-    except Exception:  # noqa: BLE001
-        return []
-    try:
-        expected = dict(zip(*_index_counts(data_dir, split), strict=True))
-    except Exception:  # noqa: BLE001
-        expected = {}
-    damaged = []
-    for name in names:
-        path, count = str(name), 0
-        try:
-            for _ in tf.data.TFRecordDataset(path).as_numpy_iterator():
-                count += 1
-        except Exception as e:  # noqa: BLE001 - the error is the report
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            damaged.append(f"{path} ({type(e).__name__} after {count} records: {first})")
-            continue
-        base = Path(path).name
-        if base in expected and expected[base] != count:
-            damaged.append(f"{path} ({count} records, the index says {expected[base]})")
-    return damaged
-
-
-def _index_counts(data_dir: str, split: str) -> tuple[list[str], list[int]]:
-    index = shards.load_index(data_dir, split)
-    return index.files, index.shard_lengths
-
-
-def _damage_report(data_dir: str, split: str) -> str:
-    damaged = _damaged_shards(data_dir, split)
-    if not damaged:
-        return ""
-    return "; damaged shard(s): " + "; ".join(damaged)
-
-
-def _next_batch(train_iter, cfg, step: int) -> dict:
-    """The next training batch; a read or parse failure becomes a DataError naming the
-    damaged shard(s) and the step."""
+def next_batch(train_iter, cfg, step: int) -> dict:
+    """The next training batch; a read or parse failure becomes a records.DataError naming
+    the damaged shard(s) and the step."""
     try:
         return next(train_iter)
     except Exception as e:  # noqa: BLE001 - the pipeline reads only data: name it
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(
-            f"reading the batch of step {step} of split {cfg.data.train_split!r} in "
-            f"{cfg.data.dir} failed ({type(e).__name__}: {first})"
-            f"{_damage_report(cfg.data.dir, cfg.data.train_split)}; re-run jaxser prepare "
-            "or restore the damaged files") from e
-
-
-def _state_bytes(abstract) -> int:
-    return int(sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize
-                   for x in jax.tree.leaves(abstract)))
+        raise records.read_failure(cfg.data.dir, cfg.data.train_split,
+                                   f"the batch of step {step}", e) from e
 
 
 # --------------------------------------------------------------------------------------
@@ -231,125 +93,82 @@ def train(cfg) -> dict:
     workdir_lib.check_writable(workdir)
     with workdir_lib.lock(workdir):
         setup_logging(workdir)
+        accelerator.report_backend()  # backend, devices; loud if a GPU is seen but unused
         return _train_locked(cfg, workdir)
 
 
 def _train_locked(cfg, workdir: Path) -> dict:
     info = shards.load_dataset_info(cfg.data.dir)
     for split in dict.fromkeys((cfg.data.train_split, cfg.data.eval_split)):
-        _check_split_complete(cfg.data.dir, split, info, cfg.data.get("skip_corrupt", False))
-    exp = Experiment(cfg, info["labels"], info.get("corpora", []))
+        if not cfg.data.get("features"):  # Cached features: no shard is read.
+            records.check_complete(cfg.data.dir, split, info,
+                                   cfg.data.get("skip_corrupt", False))
+    exp = Experiment(cfg, info["labels"], info.get("corpora", []),
+                     dims=dimensions.names_of(info), class_weights=_class_weights(cfg, info))
     log.info("mesh %s, %d process(es), %d steps/epoch, %d steps in all", dict(exp.mesh.shape),
              jax.process_count(), exp.steps_per_epoch, exp.total_steps)
     key = jax.random.key(cfg.seed)
     target, shardings = exp.abstract_state(jax.random.fold_in(key, 0))
     keep = max(cfg.train.keep_best, 1) + 2  # best-k, latest, one save in flight
-    workdir_lib.check_free_space(workdir, keep * _state_bytes(target),
+    workdir_lib.check_free_space(workdir, keep * state_bytes(target),
                                  f"{keep} checkpoints of this model")
     ckpt = Checkpoints(workdir, cfg.train.best_metric, cfg.train.keep_best,
                        cfg.train.async_checkpoints, best_tiebreak=cfg.train.best_tiebreak)
     meta = {"config": json.loads(config_lib.config_to_json(cfg)), "labels": exp.labels,
             "corpora": exp.corpora, "encoder_fields": exp.encoder_fields(),
-            "prior": info["splits"][cfg.data.train_split]["prior"]}
+            "prior": info["splits"][cfg.data.train_split]["prior"],
+            **_dimension_meta(exp, info, cfg.data.train_split)}
+    if exp.features:  # What predict and export re-attach the encoder from.
+        meta["features"] = exp.features.meta()
     train_iter = None
     try:
         with exp.mesh_context():
             data_state, best = None, {}
             if ckpt.latest_step() is not None:
-                state, data_state, best = _resume(cfg, exp, ckpt, target, workdir)
+                state, data_state, best = resume.restore_latest(ckpt, cfg, exp.labels,
+                                                                target, workdir)
             else:
                 state, shardings = exp.init_state(jax.random.fold_in(key, 0))
-            jit_train = exp.train_step(shardings)
-            train_iter = pipeline.train_iterator(cfg.data.dir, cfg.data.train_split,
-                                                 exp.pipe_cfg, state=data_state)
-            return _run(cfg, exp, ckpt, meta, state, best, train_iter, jit_train,
-                        jax.random.fold_in(key, 1))
+            train_iter = exp.train_iterator(data_state)
+            return _run(Run(cfg, exp, ckpt, meta, state, best, train_iter,
+                            exp.train_step(shardings), jax.random.fold_in(key, 1)))
     finally:
         if train_iter is not None:
             train_iter.close()
         ckpt.close()  # Waits for saves in flight: the last good checkpoint is complete.
 
 
-def _resume(cfg, exp, ckpt: Checkpoints, target, workdir: Path):
-    """(state, data_state, best) of the latest checkpoint, after checking it fits."""
-    step, saved_meta = ckpt.read_meta("latest")
-    _check_resume_compatible(saved_meta["config"], cfg, exp.labels, saved_meta.get("labels"),
-                             ckpt.state_shapes("latest"), tree_shapes(target))
-    try:
-        step, state, data_state, saved_meta = ckpt.restore("latest", target)
-    except Exception as e:  # noqa: BLE001 - say which checkpoint and why
-        raise ResumeMismatch(f"cannot restore the checkpoint of step {step} in {workdir} with "
-                             f"this config: {type(e).__name__}: {e}") from e
-    dropped = ckpt.discard_after(step)
-    if dropped:
-        log.info("dropped best checkpoint(s) %s newer than the resume point", dropped)
-    log.info("resumed from step %d in %s", step, workdir)
-    return state, data_state, saved_meta.get("best", {})
+def _class_weights(cfg, info: dict):
+    """The weights of loss.weighted_ce from the training split (None when it is off)."""
+    if not cfg.loss.get("weighted_ce"):
+        return None
+    if cfg.data.get("class_balanced"):
+        log.warning("loss.weighted_ce with data.class_balanced corrects the class imbalance "
+                    "twice; use one of them")
+    weights = balance.class_weights(balance.class_counts(info, cfg.data.train_split))
+    log.info("class weights N/(K n_k) of split %s: %s", cfg.data.train_split,
+             dict(zip(info["labels"], [round(float(w), 4) for w in weights], strict=True)))
+    return weights
 
 
-def _preemption_service() -> bool:
-    """True when JAX's distributed preemption sync manager is running (multi-process)."""
-    if jax.process_count() == 1:
-        return False
-    try:
-        from jax._src import distributed
-    except ImportError:  # pragma: no cover - private module moved
-        return False
-    state = distributed.global_state
-    return state.client is not None and state.preemption_sync_manager is not None
-
-
-class _StopSignal:
-    """Turns SIGTERM (preemption) into a decision all processes take at the same step.
-
-    One process: a Python handler sets a flag the loop reads after each step. Several
-    processes: JAX's preemption sync manager (installed by jax.distributed.initialize)
-    catches SIGTERM on any process and `reached_preemption_sync_point` turns true on
-    every process at the same step; without it, the flag is all-gathered every step.
-    """
-
-    def __init__(self):
-        self.received = False
-        self._old = None
-        self._installed = False
-        self._sync = _preemption_service()
-
-    def __enter__(self):
-        if not self._sync:
-            try:
-                self._old = signal.signal(signal.SIGTERM, self._handle)
-                self._installed = True
-            except ValueError:  # not the main thread
-                self._old = None
-        return self
-
-    def _handle(self, *_):
-        self.received = True
-
-    def should_stop(self, step: int) -> bool:
-        """Called by every process after every step; true at the agreed stop step."""
-        if self._sync:
-            from jax.experimental import multihost_utils
-
-            if multihost_utils.reached_preemption_sync_point(step):
-                self.received = True
-        elif jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            flags = multihost_utils.process_allgather(np.int32(self.received))
-            self.received = bool(np.max(flags))
-        return self.received
-
-    def __exit__(self, *exc):
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._old if self._old is not None else signal.SIG_DFL)
+def _dimension_meta(exp, info: dict, train_split: str) -> dict:
+    """Checkpoint metadata of a model with a dimensional head: the data set's `dimensions`
+    (names, scales) and the training mean of each dimension (0-1), the prior baseline."""
+    if not exp.dims:
+        return {}
+    stats = info["splits"][train_split].get("dims") or {}
+    return {"dimensions": info["dimensions"],
+            "dims_prior": [float((stats.get(d) or {}).get("mean", 0.5)) for d in exp.dims],
+            "class_weights": None if exp.class_weights is None else
+            [float(w) for w in exp.class_weights]}
 
 
 def _validate(cfg, exp, params, step, writer) -> dict:
     result = evaluate_split(exp, params, cfg.data.dir, cfg.data.eval_split)
     metrics = result["overall"]
     writer.write(step, metrics, prefix=cfg.data.eval_split)
-    shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("kl", "cosine", "accuracy", "ua")
+    shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("kl", "cosine", "accuracy", "ua",
+                                                        "macro_f1", "ccc_mean")
                       if k in metrics)
     log.info("step %d %s: %s", step, cfg.data.eval_split, shown)
     return metrics
@@ -397,9 +216,25 @@ class _FiniteGuard:
         self.checked = (step, host)
 
 
-def _run(cfg, exp, ckpt, meta, state, best, train_iter, jit_train, key) -> dict:
+@dataclasses.dataclass
+class Run:
+    """What the loop runs: built once by `train` (fresh or resumed), read by `_run`."""
+
+    cfg: Any  # The run's ConfigDict.
+    exp: Experiment
+    ckpt: Checkpoints
+    meta: dict  # JSON metadata saved with every checkpoint (config, labels, ...).
+    state: Any  # The TrainState to start from.
+    best: dict  # {"step", "value", "metrics", "stale"} of the best evaluation so far.
+    train_iter: Any  # The resumable Experiment.train_iterator.
+    train_step: Callable  # The jitted (state, batch, key) -> (state, metrics).
+    key: jax.Array  # The step key; step s uses fold_in(key, s).
+
+
+def _run(run: Run) -> dict:
+    cfg, exp, ckpt, train_iter = run.cfg, run.exp, run.ckpt, run.train_iter
     writer = MetricWriter(cfg.workdir)
-    step = int(state.step)
+    state, best, step = run.state, run.best, int(run.state.step)
     eval_every = cfg.train.eval_every or exp.steps_per_epoch
     save_every = cfg.train.checkpoint_every or eval_every
     metric = cfg.train.best_metric
@@ -409,16 +244,16 @@ def _run(cfg, exp, ckpt, meta, state, best, train_iter, jit_train, key) -> dict:
     progress = tqdm(total=exp.total_steps, initial=step, desc="train", unit="step",
                     disable=jax.process_index() != 0, dynamic_ncols=True)
     window_start, window_audio, window_steps = time.time(), 0.0, 0
-    with _StopSignal() as stop:
+    with StopSignal() as stop:
         while step < exp.total_steps:
-            batch = _next_batch(train_iter, cfg, step + 1)
-            window_audio += float(np.sum(batch["length"] * batch["valid"])) / 16000
-            state, metrics = jit_train(state, exp.device_batch(batch), key)
+            batch = next_batch(train_iter, cfg, step + 1)
+            window_audio += float(np.sum(batch["length"] * batch["valid"])) / SAMPLE_RATE
+            state, metrics = run.train_step(state, exp.device_batch(batch), run.key)
             step += 1
             window_steps += 1
             progress.update(1)
             guard.push(step, metrics, batch["meta"]["id"])
-            if step % cfg.train.log_every == 0 or step == exp.total_steps:
+            if due(step, cfg.train.log_every, exp.total_steps):
                 metrics = dict(guard.current())
                 elapsed = time.time() - window_start
                 metrics.update(step_time=elapsed / window_steps,
@@ -428,10 +263,10 @@ def _run(cfg, exp, ckpt, meta, state, best, train_iter, jit_train, key) -> dict:
                 writer.write(step, metrics)
                 progress.set_postfix(loss=f"{float(metrics['loss']):.4f}")
                 window_start, window_audio, window_steps = time.time(), 0.0, 0
-            done = step >= exp.total_steps
             preempted = stop.should_stop(step)
-            evaluate = step % eval_every == 0 or done
-            if evaluate or step % save_every == 0 or preempted:
+            evaluate = due(step, eval_every, exp.total_steps)
+            save = due(step, save_every, exp.total_steps) or preempted
+            if evaluate or save:
                 guard.current()  # Never save a non-finite state.
             if evaluate:
                 values = _validate(cfg, exp, state.params, step, writer)
@@ -441,10 +276,10 @@ def _run(cfg, exp, ckpt, meta, state, best, train_iter, jit_train, key) -> dict:
                 else:
                     stale += 1
                 ckpt.save_best(step, state, train_iter.state(),
-                               dict(meta, best=dict(best, stale=stale)), values)
-            if step % save_every == 0 or done or preempted:
+                               dict(run.meta, best=dict(best, stale=stale)), values)
+            if save:
                 ckpt.save_latest(step, state, train_iter.state(),
-                                 dict(meta, best=dict(best, stale=stale)))
+                                 dict(run.meta, best=dict(best, stale=stale)))
             if preempted:
                 stop_reason = "preempted"
                 break

@@ -6,18 +6,24 @@ computed in float32. Examples with zero weight change neither the value nor any 
 even when their inputs are garbage (inf, NaN-free zeros, -inf log-probabilities); with all
 weights zero a loss is 0, never NaN. The lead combines the losses with config weights.
 
+Log-probabilities are used as given, never floored: float32 log_softmax stays finite far
+below log(tiny) = -87.3 (logits [0, -100] give log p = -100), and a confidently wrong
+prediction on a class with target mass must keep its full loss and gradient (issue 19).
+Classes with zero target are selected away with `where` on the target, so a -inf or
+underflowed log-probability there contributes neither value nor gradient. A probability of
+exactly 0 (log p = -inf) on a class with target mass gives an infinite loss, as in torch.
+
 Distributions are rows over K classes: `targets` [B, K] sums to 1 per real row,
 `log_probs` [B, K] is a log_softmax output.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
-
-# log of the smallest normal float32: a probability below it is zero in float32, so
-# flooring log-probabilities there only removes -inf (masked logits) and keeps losses finite.
-LOG_PROB_FLOOR = float(jnp.log(jnp.finfo(jnp.float32).tiny))
 
 
 def _f32(x: jax.Array) -> jax.Array:
@@ -46,9 +52,10 @@ def weighted_mean(per_example: jax.Array, weights: jax.Array) -> jax.Array:
     return jnp.sum(w * values) / jnp.where(total > 0, total, 1.0)
 
 
-def _floored(log_probs: jax.Array) -> jax.Array:
-    """log_probs in float32 with -inf (and anything below LOG_PROB_FLOOR) floored."""
-    return jnp.maximum(_f32(log_probs), LOG_PROB_FLOOR)
+def _on_target(log_probs: jax.Array, positive: jax.Array) -> jax.Array:
+    """log_probs in float32 where the target is positive, 0 elsewhere (no floor: the true
+    value and gradient, however negative; -inf on zero-target classes cannot leak)."""
+    return jnp.where(positive, _f32(log_probs), 0.0)
 
 
 def _real_rows(x: jax.Array, weights: jax.Array, fill: float) -> jax.Array:
@@ -60,15 +67,15 @@ def kl_divergence(log_probs: jax.Array, targets: jax.Array, weights: jax.Array) 
     """KL(target || prediction) = sum_k t_k (log t_k - log p_k), weighted mean over examples.
 
     0 log 0 = 0: classes with t_k = 0 contribute nothing (and no gradient) whatever p_k is,
-    so log_probs may hold -inf there. Where t_k > 0 and p_k underflows, log p_k is floored at
-    LOG_PROB_FLOOR, so the loss stays finite. Equal to torch's
-    `kl_div(log_probs, targets, reduction='none').sum(-1)` for finite inputs.
+    so log_probs may hold -inf there. Where t_k > 0, log p_k is used as given (no floor), so a
+    saturated wrong prediction keeps its value and gradient. Equal to torch's
+    `kl_div(log_probs, targets, reduction='none').sum(-1)`.
     """
     _check_rows("kl_divergence", log_probs, targets, weights)
     t = _real_rows(_f32(targets), weights, 0.0)
     positive = t > 0
     safe_t = jnp.where(positive, t, 1.0)
-    lp = jnp.where(positive, _floored(log_probs), 0.0)
+    lp = _on_target(log_probs, positive)
     per_class = jnp.where(positive, t * (jnp.log(safe_t) - lp), 0.0)
     return weighted_mean(jnp.sum(per_class, axis=-1), weights)
 
@@ -82,7 +89,7 @@ def cosine_loss(
     so a zero target row gives loss 1 with finite gradients.
     """
     _check_rows("cosine_loss", log_probs, targets, weights)
-    p = jnp.exp(_real_rows(_floored(log_probs), weights, 0.0))
+    p = jnp.exp(_real_rows(_f32(log_probs), weights, 0.0))  # exp(-inf) = 0, zero gradient
     t = _real_rows(_f32(targets), weights, 0.0)
     dot = jnp.sum(p * t, axis=-1)
     norms = jnp.sum(p * p, axis=-1) * jnp.sum(t * t, axis=-1)
@@ -99,7 +106,7 @@ def soft_cross_entropy(
     """Cross entropy with soft targets: -sum_k t'_k log p_k, weighted mean over examples.
 
     With label smoothing s, t' = (1 - s) t + s / K. Classes with t'_k = 0 contribute nothing
-    (log_probs may be -inf there); elsewhere log p_k is floored at LOG_PROB_FLOOR.
+    (log_probs may be -inf there); elsewhere log p_k is used as given (no floor).
     """
     _check_rows("soft_cross_entropy", log_probs, targets, weights)
     if not 0.0 <= label_smoothing <= 1.0:
@@ -108,7 +115,7 @@ def soft_cross_entropy(
     if label_smoothing:
         t = (1.0 - label_smoothing) * t + label_smoothing / t.shape[-1]
     positive = t > 0
-    lp = jnp.where(positive, _floored(log_probs), 0.0)
+    lp = _on_target(log_probs, positive)
     per_example = -jnp.sum(jnp.where(positive, t * lp, 0.0), axis=-1)
     return weighted_mean(per_example, weights)
 
@@ -119,14 +126,15 @@ def focal_loss(
     """Focal loss on soft targets: -sum_k t_k (1 - p_k)^gamma log p_k (Lin et al. 2017).
 
     For one-hot targets this is the usual multi-class focal loss; gamma = 0 gives the soft
-    cross entropy. (1 - p) is computed as -expm1(log p) for accuracy near p = 1.
+    cross entropy. (1 - p) is computed as -expm1(log p) for accuracy near p = 1. Classes with
+    t_k = 0 contribute nothing; elsewhere log p_k is used as given (no floor).
     """
     _check_rows("focal_loss", log_probs, targets, weights)
     if gamma < 0:
         raise ValueError(f"focal_loss gamma must be >= 0, got {gamma}")
     t = _real_rows(_f32(targets), weights, 0.0)
     positive = t > 0
-    lp = jnp.where(positive, _floored(log_probs), 0.0)
+    lp = _on_target(log_probs, positive)
     if gamma == 0:
         modulation = jnp.ones_like(lp)
     else:
@@ -292,3 +300,148 @@ def ccc_loss(pred: jax.Array, target: jax.Array, weights: jax.Array) -> jax.Arra
     ccc = concordance_correlation(pred, target, weights)
     has_weight = jnp.sum(jnp.where(_f32(weights) > 0, _f32(weights), 0.0)) > 0
     return jnp.where(has_weight, 1.0 - jnp.mean(ccc), 0.0)
+
+
+def class_weighted_cross_entropy(
+        log_probs: jax.Array, targets: jax.Array, weights: jax.Array,
+        class_weights: jax.Array,
+) -> jax.Array:
+    """Cross entropy with class weights w_k (e.g. N / (K n_k), `data.balance.class_weights`).
+
+    Example i gets the weight omega_i = sum_k t_ik w_k (w_y for a one-hot target of class y)
+    and the loss is sum_i weights_i omega_i CE_i / sum_i weights_i omega_i with
+    CE_i = -sum_k t_ik log p_ik: for hard labels exactly torch's
+    `cross_entropy(logits, y, weight=w)` (mean reduction divides by the summed weights).
+    """
+    _check_rows("class_weighted_cross_entropy", log_probs, targets, weights)
+    w_k = _f32(class_weights)
+    if w_k.shape != targets.shape[-1:]:
+        raise ValueError(f"class_weighted_cross_entropy: class_weights shape {w_k.shape} is "
+                         f"not [{targets.shape[-1]}]")
+    t = _real_rows(_f32(targets), weights, 0.0)
+    positive = t > 0
+    per_example = -jnp.sum(jnp.where(positive, t * _on_target(log_probs, positive), 0.0), -1)
+    omega = jnp.sum(t * w_k, axis=-1)
+    return weighted_mean(per_example, _f32(weights) * omega)
+
+
+def _check_dims(name: str, pred: jax.Array, target: jax.Array, weights: jax.Array,
+                dim_weights: jax.Array) -> None:
+    if pred.ndim != 2 or pred.shape != target.shape or weights.shape != pred.shape:
+        raise ValueError(f"{name}: pred {pred.shape}, target {target.shape} and weights "
+                         f"{weights.shape} must be one [B, D]")
+    if dim_weights.shape != pred.shape[1:]:
+        raise ValueError(f"{name}: dim_weights shape {dim_weights.shape} is not "
+                         f"[{pred.shape[1]}]")
+
+
+def _dim_mix(dim_weights: jax.Array) -> jax.Array:
+    """Per-dimension weights scaled to sum 1 (all zero stays zero)."""
+    w = jnp.maximum(_f32(dim_weights), 0.0)
+    total = jnp.sum(w)
+    return w / jnp.where(total > 0, total, 1.0)
+
+
+def masked_concordance(pred: jax.Array, target: jax.Array, weights: jax.Array,
+                       eps: float = 1e-8) -> jax.Array:
+    """CCC of each dimension over its own rows -> [D].
+
+    weights: [B, D], the weight of each (example, dimension): 0 for padding rows and for a
+    dimension the example has no value of. Weighted population moments, as
+    `concordance_correlation` computes them per column; a dimension without weight gives 0.
+    """
+    w = jnp.where(_f32(weights) > 0, _f32(weights), 0.0)  # [B, D]
+    real = w > 0
+    p = jnp.where(real, _f32(pred), 0.0)
+    y = jnp.where(real, _f32(target), 0.0)
+    total = jnp.sum(w, axis=0)
+    safe = jnp.maximum(total, eps)
+    mean_p = jnp.sum(w * p, axis=0) / safe
+    mean_y = jnp.sum(w * y, axis=0) / safe
+    dp, dy = jnp.where(real, p - mean_p, 0.0), jnp.where(real, y - mean_y, 0.0)
+    var_p = jnp.sum(w * dp * dp, axis=0) / safe
+    var_y = jnp.sum(w * dy * dy, axis=0) / safe
+    cov = jnp.sum(w * dp * dy, axis=0) / safe
+    ccc = 2.0 * cov / jnp.maximum(var_p + var_y + (mean_p - mean_y) ** 2, eps)
+    return jnp.where(total > 0, ccc, 0.0)
+
+
+def dims_ccc_loss(pred: jax.Array, target: jax.Array, weights: jax.Array,
+                  dim_weights: jax.Array, shares: jax.Array | None = None) -> jax.Array:
+    """sum_d a_d (1 - CCC_d) of the emotion dimensions, a = dim_weights scaled to sum 1.
+
+    pred, target: [B, D] (0-1); weights: [B, D] (0: padding row or missing value, never
+    imputed: the row is left out of that dimension's moments). CCC_d is the batch CCC
+    (`masked_concordance`); a dimension without any value in the batch adds 0.
+    shares: [D] this batch's share of each dimension's rows in a larger batch it is a
+    micro-batch of (the train step's gradient accumulation): the loss becomes
+    sum_d a_d share_d (1 - CCC_d), a row-weighted mean of the micro-batches' CCC losses.
+    """
+    _check_dims("dims_ccc_loss", pred, target, weights, dim_weights)
+    has = jnp.sum(jnp.where(_f32(weights) > 0, _f32(weights), 0.0), axis=0) > 0
+    per_dim = jnp.where(has, 1.0 - masked_concordance(pred, target, weights), 0.0)
+    if shares is not None:
+        per_dim = per_dim * _f32(shares)
+    return jnp.sum(_dim_mix(dim_weights) * per_dim)
+
+
+def dims_mse_loss(pred: jax.Array, target: jax.Array, weights: jax.Array,
+                  dim_weights: jax.Array, totals: jax.Array | None = None) -> jax.Array:
+    """sum_d a_d MSE_d: per dimension the weighted mean squared error over the rows with a
+    value, a = dim_weights scaled to sum 1.
+
+    totals: [D] the weight sums of the whole batch this one is a micro-batch of (the train
+    step's gradient accumulation): each dimension's sum is divided by it instead of this
+    batch's own sum, so the micro-batches' losses add up to the whole batch's exactly.
+    """
+    _check_dims("dims_mse_loss", pred, target, weights, dim_weights)
+    w = jnp.where(_f32(weights) > 0, _f32(weights), 0.0)
+    err = jnp.where(w > 0, _f32(pred) - _f32(target), 0.0)
+    den = jnp.sum(w, axis=0) if totals is None else _f32(totals)
+    per_dim = jnp.sum(w * err * err, axis=0) / jnp.where(den > 0, den, 1.0)
+    return jnp.sum(_dim_mix(dim_weights) * per_dim)
+
+
+# --------------------------------------------------------------------------------------
+# The configured losses
+
+
+class LossInputs(NamedTuple):
+    """What the configured losses read from one (micro-)batch."""
+
+    log_probs: jax.Array  # [B, K] float32 log_softmax of the emotion logits
+    targets: jax.Array  # [B, K] label distributions
+    weights: jax.Array  # [B] example weights (0 for padding rows and rows without a category)
+    embedding: jax.Array | None = None  # [B, D] pooled embedding
+    centers: jax.Array | None = None  # [K, D] class centers (center loss only)
+    class_weights: jax.Array | None = None  # [K] weighted_ce's class weights
+    dims_pred: jax.Array | None = None  # [B, D] the dimensional head's output
+    dims: jax.Array | None = None  # [B, D] target dimensions (0-1)
+    dims_weights: jax.Array | None = None  # [B, D] valid x dims_mask
+    dim_weights: jax.Array | None = None  # [D] weight of each dimension in ccc / mse
+    dim_shares: jax.Array | None = None  # [D] share of the whole batch's rows (accumulation)
+    dim_totals: jax.Array | None = None  # [D] the whole batch's weight sums (accumulation)
+
+
+# Config field `loss.<name>` is the weight of the loss `<name>` (0 leaves it out); each entry
+# computes the loss from the batch's LossInputs and the loss config (for its other fields).
+# Every entry is a weighted mean over examples except `supcon`, whose anchors see the whole
+# batch, and `ccc`, a batch statistic (see the train step for what gradient accumulation does
+# with them); `weighted_ce` weighs rows by their class weight, `ccc` and `mse` by their
+# dimension masks and take their accumulation shares themselves.
+LOSSES: dict[str, Callable[[LossInputs, Mapping], jax.Array]] = {
+    "kl": lambda x, cfg: kl_divergence(x.log_probs, x.targets, x.weights),
+    "cosine": lambda x, cfg: cosine_loss(x.log_probs, x.targets, x.weights),
+    "soft_ce": lambda x, cfg: soft_cross_entropy(x.log_probs, x.targets, x.weights),
+    "focal": lambda x, cfg: focal_loss(x.log_probs, x.targets, x.weights,
+                                       gamma=cfg["focal_gamma"]),
+    "center": lambda x, cfg: center_loss(x.embedding, x.targets, x.centers, x.weights),
+    "supcon": lambda x, cfg: supervised_contrastive_loss(
+        x.embedding, x.targets, x.weights, temperature=cfg["supcon_temperature"]),
+    "weighted_ce": lambda x, cfg: class_weighted_cross_entropy(
+        x.log_probs, x.targets, x.weights, x.class_weights),
+    "ccc": lambda x, cfg: dims_ccc_loss(x.dims_pred, x.dims, x.dims_weights, x.dim_weights,
+                                        x.dim_shares),
+    "mse": lambda x, cfg: dims_mse_loss(x.dims_pred, x.dims, x.dims_weights, x.dim_weights,
+                                        x.dim_totals),
+}

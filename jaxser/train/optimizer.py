@@ -4,12 +4,21 @@ Parameters fall into groups by their path (`encoder/conv1/kernel`, `head/dense/k
 `frozen` (matches an `optim.freeze` pattern), `head` (everything outside the encoder,
 trained at `lr * head_lr_scale`), `centers` (center-loss centers at `center_lr`) and
 `encoder`.
+
+Frozen means no backward pass: the train step cuts frozen parameters with `stop_gradient`
+before the loss (`frozen_mask`, `stop_frozen`), so their gradients are exactly zero and
+autodiff drops every backward computation that only led to them (a frozen encoder leaves
+the heads' backward; a frozen conv stem cuts the backward below it). Gradient norms and
+clipping therefore see the trainable parameters only. With `optim.unfreeze_after` > 0 the
+step switches to full gradients at that step, and the frozen group's Adam starts then,
+with fresh moments (`_start_at`).
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +66,24 @@ def param_labels(params, freeze_patterns) -> dict:
     return jax.tree_util.tree_map_with_path(label, params)
 
 
+def frozen_mask(params, freeze_patterns):
+    """A pytree of bools like `params`, True where an `optim.freeze` pattern matches; None
+    when nothing is frozen."""
+    if not freeze_patterns:
+        return None
+    mask = jax.tree.map(lambda label: label == "frozen", param_labels(params, freeze_patterns))
+    return mask if any(jax.tree.leaves(mask)) else None
+
+
+def stop_frozen(params, mask):
+    """`params` with `stop_gradient` on the frozen leaves (mask from `frozen_mask`): their
+    gradients are exact zeros and no backward pass runs for them alone."""
+    if mask is None:
+        return params
+    return jax.tree.map(lambda p, frozen: jax.lax.stop_gradient(p) if frozen else p,
+                        params, mask)
+
+
 def _adam(optim: Mapping, lr) -> optax.GradientTransformation:
     if optim["name"] == "adamw":
         return optax.adamw(lr, b1=optim["b1"], b2=optim["b2"], eps=optim["eps"],
@@ -66,16 +93,28 @@ def _adam(optim: Mapping, lr) -> optax.GradientTransformation:
     raise ValueError(f"unknown optim.name {optim['name']!r}: adamw|adam")
 
 
-def _gate_until(step: int) -> optax.GradientTransformation:
-    """Zeroes updates before `step` (frozen parameters that unfreeze later)."""
+class StartAtState(NamedTuple):
+    count: jax.Array  # updates seen (the global step)
+    inner: optax.OptState  # the wrapped transform's state, untouched before the start
 
-    def init(_):
-        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+def _start_at(step: int, inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` from update `step` on; zero updates before, with `inner`'s state untouched, so
+    parameters that unfreeze start with fresh Adam moments and bias correction (while
+    frozen their gradients are zeros, not information)."""
+
+    def init(params):
+        return StartAtState(count=jnp.zeros([], jnp.int32), inner=inner.init(params))
 
     def update(updates, state, params=None):
-        on = (state.count >= step).astype(jnp.float32)
-        updates = jax.tree.map(lambda u: u * on.astype(u.dtype), updates)
-        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+        def run():
+            return inner.update(updates, state.inner, params)
+
+        def wait():
+            return jax.tree.map(jnp.zeros_like, updates), state.inner
+
+        updates, inner_state = jax.lax.cond(state.count >= step, run, wait)
+        return updates, StartAtState(count=optax.safe_increment(state.count), inner=inner_state)
 
     return optax.GradientTransformation(init, update)
 
@@ -89,8 +128,9 @@ def make_optimizer(optim: Mapping, total_steps: int, steps_per_epoch: int, param
         "encoder": _adam(optim, schedule),
         "head": _adam(optim, lambda s: schedule(s) * scale),
         "centers": optax.sgd(float(optim["center_lr"])),
-        "frozen": (optax.chain(_adam(optim, schedule), _gate_until(unfreeze)) if unfreeze > 0
-                   else optax.set_to_zero()),
+        # The inner Adam counts from the unfreeze step: its schedule is shifted to match.
+        "frozen": (_start_at(unfreeze, _adam(optim, lambda s: schedule(s + unfreeze)))
+                   if unfreeze > 0 else optax.set_to_zero()),
     }
     tx = optax.multi_transform(groups, param_labels(params, tuple(optim["freeze"])))
     chain = [tx]

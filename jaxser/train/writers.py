@@ -14,12 +14,16 @@ from pathlib import Path
 import jax
 import numpy as np
 
-log = logging.getLogger("jaxser")
+log = logging.getLogger(__name__)
+
+# The package's root logger: every module logs to `logging.getLogger(__name__)`, a child
+# of it, so its handlers (set by `setup_logging`) receive every jaxser message.
+PACKAGE_LOGGER = "jaxser"
 
 
 def setup_logging(workdir: str | Path | None = None, level: int = logging.INFO) -> None:
-    """Logs to stderr and, on process 0, to WORKDIR/train.log."""
-    root = logging.getLogger("jaxser")
+    """Configures the "jaxser" logger: stderr and, on process 0, WORKDIR/train.log."""
+    root = logging.getLogger(PACKAGE_LOGGER)
     root.setLevel(level)
     root.propagate = False
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")

@@ -9,6 +9,7 @@ fallback decoder, to keep worker start-up cheap.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections import deque
@@ -22,7 +23,10 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-SAMPLE_RATE = 16000
+from jaxser.constants import SAMPLE_RATE
+
+log = logging.getLogger(__name__)
+
 # Peak amplitude (full scale 1.0) under which a clip counts as silent: -80 dBFS, ~3 int16 LSB.
 SILENCE_PEAK = 1e-4
 
