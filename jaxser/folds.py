@@ -32,7 +32,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -140,6 +140,16 @@ def format_summary(summary: dict) -> str:
     return "\n".join([head, lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
+def check_fold_options(folds: int, manifests: Sequence[str | Path] | None,
+                       prepare_options: Mapping[str, object]) -> None:
+    """Raises ValueError for fewer than 2 folds, or prepare options without manifests."""
+    if folds < 2:
+        raise ValueError(f"folds must be at least 2, got {folds}")
+    if prepare_options and not manifests:
+        raise ValueError(f"{', '.join(sorted(prepare_options))} prepare the folds: they need "
+                         "manifests (--manifest)")
+
+
 def run_folds(config_spec: str, overrides: Sequence[str], folds: int,
               data_root: str | Path | None = None, *,
               manifests: Sequence[str | Path] | None = None,
@@ -153,11 +163,7 @@ def run_folds(config_spec: str, overrides: Sequence[str], folds: int,
     from these (else the fold folders must exist). prepare_options: passed to
     `jaxser.data.prepare.prepare` (taxonomy, map_file, seed, ...); they need manifests.
     """
-    if folds < 2:
-        raise ValueError(f"folds must be at least 2, got {folds}")
-    if prepare_options and not manifests:
-        raise ValueError(f"{', '.join(sorted(prepare_options))} prepare the folds: they need "
-                         "manifests (--manifest)")
+    check_fold_options(folds, manifests, prepare_options)
     base = config_lib.load_config(config_spec, overrides)  # Typos fail before any work.
     if not base.workdir:
         raise ValueError("config.workdir must be set: the folds run in WORKDIR/fold{i}")

@@ -103,11 +103,7 @@ def layer_sweep(config_spec: str, overrides: Sequence[str], folds: int,
     """Runs the folds on each layer (`layers`: "all" or "0,3,-1") and, with `weighted`, on
     the weighted sum of all layers; writes WORKDIR/layer_sweep.{json,md,png}, prints the
     table and returns the summary. Fold options as `jaxser.folds.run_folds`."""
-    if folds < 2:
-        raise ValueError(f"folds must be at least 2, got {folds}")
-    if prepare_options and not manifests:
-        raise ValueError(f"{', '.join(sorted(prepare_options))} prepare the folds: they need "
-                         "manifests (--manifest)")
+    folds_lib.check_fold_options(folds, manifests, prepare_options)
     base = config_lib.load_config(config_spec, overrides)  # Typos fail before any work.
     if not base.data.get("features"):
         raise ValueError("a layer sweep trains heads on cached features: set data.features "

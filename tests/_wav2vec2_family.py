@@ -44,6 +44,17 @@ def torch_hidden(base: torch.nn.Module, audio: np.ndarray, mask=None) -> list[np
     return [h.numpy() for h in out.hidden_states[:-1]] + [out.last_hidden_state.numpy()]
 
 
+def assert_matches_transformers(config, params, base: torch.nn.Module):
+    """Hidden states and frame mask of `batch()` equal HF `base`'s; returns (audio, mask)."""
+    audio, mask = batch()
+    out = apply(config, params, audio, mask)
+    assert_hidden_close(out.hidden_states, torch_hidden(base, audio, mask))
+    hf_mask = base._get_feature_vector_attention_mask(
+            out.mask.shape[1], torch.from_numpy(mask.astype(np.int64)))
+    np.testing.assert_array_equal(np.asarray(out.mask), hf_mask.numpy())
+    return audio, mask
+
+
 @functools.cache
 def _jitted_apply(config):
     return jax.jit(Wav2Vec2Encoder(config).apply)

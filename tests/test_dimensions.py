@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from _files import write_csv
 from scipy import stats
 
 from jaxser.data import (
@@ -34,15 +35,6 @@ def _wav(path: Path, seconds: float = 0.4, seed: int = 0) -> Path:
     t = np.arange(int(seconds * SR)) / SR
     y = 0.3 * np.sin(2 * np.pi * (150 + 10 * seed) * t) + 0.02 * rng.standard_normal(t.size)
     sf.write(path, y.astype(np.float32), SR)
-    return path
-
-
-def _csv(path: Path, rows: list[dict]) -> Path:
-    header = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=header)
-        w.writeheader()
-        w.writerows(rows)
     return path
 
 
@@ -97,7 +89,7 @@ def test_scales_parse_infer_and_lookup():
 def test_manifest_rows_with_category_dimensions_or_both(tmp_path):
     for i in range(6):
         _wav(tmp_path / f"u{i}.wav", seed=i)
-    path = _csv(tmp_path / "m.csv", [
+    path = write_csv(tmp_path / "m.csv", [
         {"path": "u0.wav", "speaker": "a", "label": "happy", "EmoAct": "3", "valence": "4"},
         {"path": "u1.wav", "speaker": "a", "label": "", "EmoAct": "2.5", "valence": ""},
         {"path": "u2.wav", "speaker": "b", "label": "sad", "EmoAct": "", "valence": ""},
@@ -119,10 +111,10 @@ def test_manifest_rows_with_category_dimensions_or_both(tmp_path):
     assert reasons["u4"] == ("bad dimension", "column 'EmoAct': 'high' is not a number")
     assert reasons["u5"][0] == "bad dimension" and "finite" in reasons["u5"][1]
     # a manifest with dimensions and no label column is a manifest
-    only = _csv(tmp_path / "dims.csv", [{"path": "u0.wav", "speaker": "a", "arousal": "0.3"}])
+    only = write_csv(tmp_path / "dims.csv", [{"path": "u0.wav", "speaker": "a", "arousal": "0.3"}])
     assert manifest.read_manifest(only, set()).label_form == ""
     with pytest.raises(manifest.ManifestError, match="a label or a dimension"):
-        manifest.read_manifest(_csv(tmp_path / "none.csv", [{"path": "u0.wav",
+        manifest.read_manifest(write_csv(tmp_path / "none.csv", [{"path": "u0.wav",
                                                              "speaker": "a"}]), set())
 
 
@@ -162,7 +154,7 @@ def prepared(tmp_path_factory):
         {"path": "pod/bad.wav", "id": "who", "speaker": "Unknown", "corpus": "pod",
          "label": "sad", "arousal": "3", "dimension_scale": "1-7", "split": "test"},
     ]
-    path = _csv(root / "manifest.csv", rows)
+    path = write_csv(root / "manifest.csv", rows)
     out = root / "out"
     info = prepare.prepare([path], out, split="column:split", workers=0, progress=False)
     return root, out, info

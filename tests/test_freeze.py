@@ -5,19 +5,15 @@ and unfreezing at a step starts a fresh Adam for them."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from _train_steps import LABELS, step_gradients, train_batch
 
 from jaxser import config as config_lib
 from jaxser.models import ser_model
 from jaxser.train import optimizer
-from jaxser.train import step as step_lib
 from jaxser.train.experiment import Experiment
-from jaxser.train.state import TrainState
 
-LABELS = ["neutral", "happy", "sad", "angry"]
 ENCODER, STEM = ("encoder/*",), ("encoder/conv*",)
 
 
@@ -35,22 +31,8 @@ def _config(freeze=(), unfreeze=0, d_model=None):
     return cfg
 
 
-def _batch(n=8, samples=16000, seed=0):
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(samples // 2, samples, n).astype(np.int32)
-    audio = rng.normal(0, 0.1, (n, samples)).astype(np.float32)
-    audio[np.arange(samples)[None, :] >= lengths[:, None]] = 0
-    label = rng.dirichlet(np.ones(len(LABELS)), n).astype(np.float32)
-    return {"audio": audio, "length": lengths, "label": label,
-            "class_index": label.argmax(-1).astype(np.int32),
-            "domain": np.zeros(n, np.int32), "valid": np.ones(n, np.float32)}
-
-
-def _capture_gradients():
-    """An optimizer whose state is the step's gradients; it changes nothing."""
-    return optax.GradientTransformation(
-        init=lambda params: jax.tree.map(jnp.zeros_like, params),
-        update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
+def _batch(seed=0):
+    return train_batch(samples=16000, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +45,7 @@ def params():
 
 def _gradients(cfg, params):
     exp = Experiment(cfg, LABELS, ["synth"], steps_per_epoch=10)
-    tx = _capture_gradients()
-    step = jax.jit(step_lib.make_train_step(cfg, exp.model, tx, exp.schedule, exp.total_steps))
-    with exp.mesh_context():
-        state = TrainState(step=jnp.zeros([], jnp.int32), params=params,
-                           opt_state=tx.init(params))
-        state, metrics = step(state, exp.device_batch(_batch()), jax.random.key(1))
-    return jax.device_get(state.opt_state), jax.device_get(metrics)
+    return step_gradients(cfg, exp, params, _batch())
 
 
 @pytest.mark.parametrize("freeze", [ENCODER, STEM])

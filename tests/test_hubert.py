@@ -9,25 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import _wav2vec2_family as fam
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
-from _wav2vec2_family import (
-    LENGTHS,
-    TINY,
-    apply,
-    assert_bf16_close_and_remat_exact,
-    assert_hidden_close,
-    assert_padding_invariant,
-    assert_sharded,
-    batch,
-    padding_leak,
-    random_params,
-    torch_hidden,
-)
 from safetensors.numpy import load_file, save_file
 
 from jaxser.constants import SAMPLE_RATE
@@ -63,7 +51,7 @@ class Checkpoint:
 
 def _make_checkpoint(name: str, tmp_dir) -> Checkpoint:
     family, large, cls_name, heads, pos_kernel, proj_ln = CASES[name]
-    kwargs = dict(TINY, num_attention_heads=heads, num_conv_pos_embeddings=pos_kernel,
+    kwargs = dict(fam.TINY, num_attention_heads=heads, num_conv_pos_embeddings=pos_kernel,
                   feat_extract_norm="layer" if large else "group", do_stable_layer_norm=large,
                   conv_bias=large, vocab_size=11, num_labels=3)
     if family == "hubert":
@@ -90,25 +78,20 @@ def test_matches_transformers_padded_batch(ckpt):
     # Group-norm models: masked_group_norm=False is HF's computation (stats over padding).
     config = Wav2Vec2Config.from_hf(ckpt.hf_config, masked_group_norm=False)
     params = params_from_torch(ckpt.state, config)
-    audio, mask = batch()
-    out = apply(config, params, audio, mask)
-    assert_hidden_close(out.hidden_states, torch_hidden(ckpt.base, audio, mask))
-    hf_mask = ckpt.base._get_feature_vector_attention_mask(
-            out.mask.shape[1], torch.from_numpy(mask.astype(np.int64)))
-    np.testing.assert_array_equal(np.asarray(out.mask), hf_mask.numpy())
+    audio, mask = fam.assert_matches_transformers(config, params, ckpt.base)
     if config.feat_extract_norm == "layer":  # Layer-norm models: the default is HF exact too.
-        out = apply(dataclasses.replace(config, masked_group_norm=True), params, audio, mask)
-        assert_hidden_close(out.hidden_states, torch_hidden(ckpt.base, audio, mask))
+        out = fam.apply(dataclasses.replace(config, masked_group_norm=True), params, audio, mask)
+        fam.assert_hidden_close(out.hidden_states, fam.torch_hidden(ckpt.base, audio, mask))
 
 
 def test_matches_transformers_unpadded(ckpt):
     # Each utterance alone, no mask, jaxser's default masked_group_norm=True.
     config = Wav2Vec2Config.from_hf(ckpt.hf_config)
     params = params_from_torch(ckpt.state, config)
-    audio, _ = batch()
-    one = audio[1:2, :LENGTHS[1]]
-    out = apply(config, params, one)
-    assert_hidden_close(out.hidden_states, torch_hidden(ckpt.base, one))
+    audio, _ = fam.batch()
+    one = audio[1:2, :fam.LENGTHS[1]]
+    out = fam.apply(config, params, one)
+    fam.assert_hidden_close(out.hidden_states, fam.torch_hidden(ckpt.base, one))
     assert bool(np.all(np.asarray(out.mask)))
 
 
@@ -118,16 +101,16 @@ def test_params_to_torch_round_trip(ckpt, tmp_path):
     exported = params_to_torch(params, config)
     fresh = _HF_MODELS[config.family](_HF_CONFIGS[config.family](**config.to_hf())).eval()
     fresh.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
-    audio, mask = batch()
-    assert_hidden_close(torch_hidden(fresh, audio, mask), torch_hidden(ckpt.base, audio, mask),
-                         atol=1e-6)
+    audio, mask = fam.batch()
+    fam.assert_hidden_close(fam.torch_hidden(fresh, audio, mask),
+                            fam.torch_hidden(ckpt.base, audio, mask), atol=1e-6)
     # A save_pretrained-style folder (config.json + model.safetensors) loads in transformers.
     save_file(exported, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     (tmp_path / "config.json").write_text(json.dumps(config.to_hf()))
     loaded = transformers.AutoModel.from_pretrained(tmp_path).eval()
     assert type(loaded) is _HF_MODELS[config.family]
-    assert_hidden_close(torch_hidden(loaded, audio, mask), torch_hidden(ckpt.base, audio, mask),
-                         atol=1e-6)
+    fam.assert_hidden_close(fam.torch_hidden(loaded, audio, mask),
+                            fam.torch_hidden(ckpt.base, audio, mask), atol=1e-6)
     # And the conversion is lossless both ways.
     again = params_from_torch(exported, config)
     jax.tree.map(np.testing.assert_array_equal, again, params)
@@ -157,18 +140,18 @@ def test_old_weight_norm_key_names(ckpt):
 
 @pytest.mark.parametrize("large", [False, True])
 def test_padding_invariance(large):
-    config = Wav2Vec2Config(num_attention_heads=4, num_conv_pos_embeddings=16, **TINY,
+    config = Wav2Vec2Config(num_attention_heads=4, num_conv_pos_embeddings=16, **fam.TINY,
                             feat_extract_norm="layer" if large else "group",
                             do_stable_layer_norm=large, conv_bias=large)
-    params = random_params(config, 0)
-    assert_padding_invariant(config, params)
+    params = fam.random_params(config, 0)
+    fam.assert_padding_invariant(config, params)
     if not large:  # HF's group norm (stats over the padding) is not invariant: the known bug.
-        assert padding_leak(dataclasses.replace(config, masked_group_norm=False), params) > 1e-3
+        assert fam.padding_leak(dataclasses.replace(config, masked_group_norm=False), params) > 1e-3
 
 
 def test_feature_lengths_and_mask_match_transformers():
-    hf = transformers.HubertModel(transformers.HubertConfig(**TINY, num_attention_heads=4))
-    config = Wav2Vec2Config(**TINY, num_attention_heads=4)
+    hf = transformers.HubertModel(transformers.HubertConfig(**fam.TINY, num_attention_heads=4))
+    config = Wav2Vec2Config(**fam.TINY, num_attention_heads=4)
     lengths = np.concatenate([np.arange(0, 2000), np.random.default_rng(0).integers(0, 10**6, 500)])
     expected = hf._get_feat_extract_output_lengths(torch.from_numpy(lengths)).numpy()
     np.testing.assert_array_equal(feature_lengths(config, lengths), expected)
@@ -243,15 +226,15 @@ def test_config_round_trip_and_validation():
 
 
 def _small_config(**overrides) -> Wav2Vec2Config:
-    return Wav2Vec2Config(**{**TINY, "num_attention_heads": 4, "num_conv_pos_embeddings": 16,
+    return Wav2Vec2Config(**{**fam.TINY, "num_attention_heads": 4, "num_conv_pos_embeddings": 16,
                              **overrides})
 
 
 def test_bfloat16_remat_and_dropout():
     config = _small_config(num_hidden_layers=1)
-    params = random_params(config, 1)
-    assert_bf16_close_and_remat_exact(config, params)
-    audio, mask = batch(seed=2)
+    params = fam.random_params(config, 1)
+    fam.assert_bf16_close_and_remat_exact(config, params)
+    audio, mask = fam.batch(seed=2)
     audio, mask = audio[:, :2400], mask[:, :2400]
     train = jax.jit(lambda p, k: Wav2Vec2Encoder(config).apply(
             {"params": p}, audio, mask, deterministic=False, rngs={"dropout": k}))
@@ -261,9 +244,9 @@ def test_bfloat16_remat_and_dropout():
 
 
 def test_sharding_of_initialised_params():
-    config = Wav2Vec2Config(**dict(TINY, intermediate_size=64), num_attention_heads=4,
+    config = Wav2Vec2Config(**dict(fam.TINY, intermediate_size=64), num_attention_heads=4,
                             num_conv_pos_embeddings=16)
-    assert_sharded(config, {
+    fam.assert_sharded(config, {
             ("layers_0", "feed_forward", "intermediate_dense", "kernel"): (None, "model"),
             ("layers_0", "feed_forward", "output_dense", "kernel"): ("model", None),
             ("layers_0", "attention", "q_proj", "kernel"): (None, "model", None),
@@ -274,7 +257,7 @@ def test_sharding_of_initialised_params():
 @pytest.mark.parametrize("kernel,groups,frames", [(16, 4, 37), (128, 16, 200), (7, 1, 5)])
 def test_fft_positional_conv_equals_direct(kernel, groups, frames):
     """The FFT positional convolution (CPU default) computes the direct grouped conv."""
-    base = dict(TINY, num_attention_heads=4, num_conv_pos_embeddings=kernel,
+    base = dict(fam.TINY, num_attention_heads=4, num_conv_pos_embeddings=kernel,
                 num_conv_pos_embedding_groups=groups)
     hidden = base["hidden_size"]
     x = jax.random.normal(jax.random.key(1), (2, frames, hidden))
@@ -289,7 +272,7 @@ def test_fft_positional_conv_equals_direct(kernel, groups, frames):
 
 def test_pos_conv_option_is_checked():
     with pytest.raises(ValueError, match="pos_conv"):
-        Wav2Vec2Config(**TINY, num_attention_heads=4, pos_conv="fast")
+        Wav2Vec2Config(**fam.TINY, num_attention_heads=4, pos_conv="fast")
 
 
 def test_masked_instance_norm_gradient_matches_autodiff():
@@ -314,9 +297,9 @@ def test_masked_instance_norm_gradient_matches_autodiff():
 @pytest.mark.parametrize("remat", [False, True])
 def test_layerdrop_in_training_mode_with_and_without_remat(remat):
     config = _small_config(num_hidden_layers=2, remat=remat, layerdrop=1.0)
-    audio, mask = batch(seed=4)
+    audio, mask = fam.batch(seed=4)
     audio, mask = audio[:, :2400], mask[:, :2400]
-    params = random_params(config, 2)
+    params = fam.random_params(config, 2)
 
     def run(p, key):
         out = Wav2Vec2Encoder(config).apply({"params": p}, audio, mask, deterministic=False,

@@ -10,6 +10,7 @@ import librosa
 import numpy as np
 import pytest
 import soundfile as sf
+from _files import write_csv
 
 from jaxser.data import decode, labels, manifest, prepare, shards, splits
 
@@ -45,15 +46,6 @@ def _expected(path: Path, start: float | None = None, end: float | None = None) 
     if sr != 16000:
         mono = librosa.resample(mono, orig_sr=sr, target_sr=16000, res_type="soxr_hq")
     return np.clip(np.round(mono.astype(np.float64) * 32768), -32768, 32767).astype(np.int16)
-
-
-def _csv(path: Path, rows: list[dict]) -> Path:
-    header = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=header)
-        w.writeheader()
-        w.writerows(rows)
-    return path
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -97,7 +89,7 @@ def _corpus(root: Path, name: str, speakers: int = 6, per_speaker: int = 2,
             rows.append({"path": rel, "speaker": f"s{s}", "corpus": name,
                          "gender": "female" if s % 2 else "male",
                          "label": labels[(s + u) % len(labels)]})
-    return _csv(root / f"{name}.csv", rows)
+    return write_csv(root / f"{name}.csv", rows)
 
 
 # ----------------------------------------------------------------------------- tests
@@ -118,7 +110,7 @@ def test_round_trip_formats_rates_channels_segments(tmp_path):
              "split": "train", "mood": "x"} for k, p in files.items()]
     rows.append({"path": "a/fl44k.flac", "id": "seg", "speaker": "s1", "label": "sad",
                  "start": "0.05", "end": "0.2", "split": "train", "mood": "y"})
-    manifest = _csv(tmp_path / "corp.csv", rows)
+    manifest = write_csv(tmp_path / "corp.csv", rows)
     info = prepare.prepare([manifest], tmp_path / "out", taxonomy="iemocap4", split="column:split",
                            workers=0, progress=False)
     got = _read(tmp_path / "out", "train")
@@ -146,10 +138,10 @@ def test_round_trip_formats_rates_channels_segments(tmp_path):
 def test_label_forms_votes_distributions(tmp_path):
     for i in range(4):
         _write(tmp_path / f"f{i}.wav", seed=i)
-    label = _csv(tmp_path / "lab.csv", [
+    label = write_csv(tmp_path / "lab.csv", [
         {"path": "f0.wav", "speaker": "a", "label": "ang"},
         {"path": "f1.wav", "speaker": "b", "label": "Happy"}])
-    votes = _csv(tmp_path / "votes.csv", [
+    votes = write_csv(tmp_path / "votes.csv", [
         {"path": "f0.wav", "speaker": "a", "neutral": 1, "happy": 3, "sad": 0, "angry": 0},
         {"path": "f1.wav", "speaker": "b", "neutral": 0, "happy": "", "sad": 2, "angry": 2}])
     dist_list = _jsonl(tmp_path / "dlist.jsonl", [
@@ -189,7 +181,7 @@ def test_em2ldl_layout_harmonised_to_basic_with_smoothing(tmp_path):
         header_rows.append({"AudioID": f"{s:04d}", **votes, "speaker ID": f"P{s}",
                             "gender": "female", "age": 20 + s, "ageClass": "young",
                             "mbtiSingle": "I", "mbtiDouble": "IN", "lang": "zh"})
-    manifest = _csv(tmp_path / "em2ldl.csv", header_rows)
+    manifest = write_csv(tmp_path / "em2ldl.csv", header_rows)
     info = prepare.prepare([manifest], tmp_path / "out", taxonomy="basic", split="kfold:4:1",
                            neutral_smoothing=0.1, workers=2, progress=False)
     assert info["mapping"]["corpora"]["em2ldl"]["maps"][0] == "em2ldl32_to_basic.json"
@@ -252,7 +244,7 @@ def test_bad_inputs_go_to_rejected_csv(tmp_path, capsys):
         {"path": "ok2.wav", "id": "ok2", "speaker": "s2", "label": "sad", "start": "",
          "end": ""},
     ]
-    label_csv = _csv(d / "lab.csv", rows)
+    label_csv = write_csv(d / "lab.csv", rows)
     dists = _jsonl(d / "dist.jsonl", [
         {"path": "ok3.wav", "id": "len", "speaker": "s3", "distribution": [1, 0]},
         {"path": "ok3.wav", "id": "neg", "speaker": "s3", "distribution": [1, -1, 1, 0]},
@@ -287,11 +279,11 @@ def test_bad_inputs_go_to_rejected_csv(tmp_path, capsys):
 def test_wrong_columns_and_bad_map_fail_before_decoding(tmp_path, monkeypatch):
     _no_decoding(monkeypatch)
     _write(tmp_path / "a.wav")
-    bad = _csv(tmp_path / "bad.csv", [{"wav": "a.wav", "who": "s", "feeling": "sad"}])
+    bad = write_csv(tmp_path / "bad.csv", [{"wav": "a.wav", "who": "s", "feeling": "sad"}])
     with pytest.raises(manifest.ManifestError,
                        match="expected columns: 'path'.*'speaker'.*'label'"):
         prepare.prepare([bad], tmp_path / "out", workers=0, progress=False)
-    good = _csv(tmp_path / "good.csv", [{"path": "a.wav", "speaker": "s", "label": "meh"}])
+    good = write_csv(tmp_path / "good.csv", [{"path": "a.wav", "speaker": "s", "label": "meh"}])
     (tmp_path / "map.json").write_text(json.dumps({"map": {"meh": {"sad": -1}}}))
     with pytest.raises(labels.MapError, match=r"map\.json.*'meh'.*negative"):
         prepare.prepare([good], tmp_path / "out", taxonomy="basic",
@@ -327,7 +319,7 @@ def test_speaker_overlap_refused_then_recorded(tmp_path, capsys, caplog):
     rows = [{"path": "0.wav", "speaker": "s1", "label": "sad", "split": "train"},
             {"path": "1.wav", "speaker": "s1", "label": "sad", "split": "test"},
             {"path": "2.wav", "speaker": "s2", "label": "happy", "split": "dev"}]
-    manifest = _csv(tmp_path / "c.csv", rows)
+    manifest = write_csv(tmp_path / "c.csv", rows)
     with pytest.raises(splits.SpeakerOverlapError, match="train/test.*c/s1"):
         prepare.prepare([manifest], tmp_path / "out", split="column:split", workers=0,
                         progress=False)
@@ -395,10 +387,10 @@ def test_idempotent_rerun_and_rebuild(tmp_path, capsys):
 def test_own_taxonomy_and_all_rejected(tmp_path):
     _write(tmp_path / "a.wav")
     _write(tmp_path / "b.wav", seed=1)
-    votes = _csv(tmp_path / "v.csv", [
+    votes = write_csv(tmp_path / "v.csv", [
         {"path": "a.wav", "speaker": "x", "sad": 1, "happy": 0, "anger": 2},
         {"path": "b.wav", "speaker": "y", "sad": 0, "happy": 1, "anger": 0}])
-    extra = _csv(tmp_path / "l.csv", [{"path": "a.wav", "speaker": "z", "label": "Calm"}])
+    extra = write_csv(tmp_path / "l.csv", [{"path": "a.wav", "speaker": "z", "label": "Calm"}])
     info = prepare.prepare([votes, extra], tmp_path / "out", split="speaker:2/1", workers=0,
                            progress=False)
     assert info["labels"] == ["sad", "happy", "anger", "calm"]
@@ -416,7 +408,7 @@ def test_own_taxonomy_and_all_rejected(tmp_path):
 
     silent = tmp_path / "s.wav"
     sf.write(silent, np.zeros(4000, np.float32), 16000)
-    bad = _csv(tmp_path / "bad.csv", [
+    bad = write_csv(tmp_path / "bad.csv", [
         {"path": "s.wav", "speaker": "x", "label": "sad"},
         {"path": "s.wav", "id": "again", "speaker": "y", "label": "sad"},
         {"path": "nothere.wav", "speaker": "z", "label": "sad"}])

@@ -4,17 +4,13 @@ and gradient accumulation equal to a plain full-batch jax.grad with padded rows.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from _train_steps import LABELS, step_gradients, train_batch
 
 from jaxser import config as config_lib
 from jaxser.models import ser_model
 from jaxser.train import losses
-from jaxser.train import step as step_lib
 from jaxser.train.experiment import Experiment
-from jaxser.train.state import TrainState
-
-LABELS = ["neutral", "happy", "sad", "angry"]
 
 
 def _config(**mesh):
@@ -24,17 +20,6 @@ def _config(**mesh):
     return cfg
 
 
-def _batch(n=8, samples=8000, seed=0):
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(samples // 2, samples, n).astype(np.int32)
-    audio = rng.normal(0, 0.1, (n, samples)).astype(np.float32)
-    audio[np.arange(samples)[None, :] >= lengths[:, None]] = 0
-    label = rng.dirichlet(np.ones(len(LABELS)), n).astype(np.float32)
-    return {"audio": audio, "length": lengths, "label": label,
-            "class_index": label.argmax(-1).astype(np.int32),
-            "domain": np.zeros(n, np.int32), "valid": np.ones(n, np.float32)}
-
-
 def _losses(cfg, steps=2):
     exp = Experiment(cfg, LABELS, ["synth"], steps_per_epoch=10)
     with exp.mesh_context():
@@ -42,7 +27,7 @@ def _losses(cfg, steps=2):
         step = exp.train_step(shardings)
         out = []
         for i in range(steps):
-            state, metrics = step(state, exp.device_batch(_batch(seed=i)), jax.random.key(1))
+            state, metrics = step(state, exp.device_batch(train_batch(seed=i)), jax.random.key(1))
             out.append(float(metrics["loss"]))
     return out, state, exp
 
@@ -72,7 +57,8 @@ def test_frozen_parameters_stay_bit_identical():
     with exp.mesh_context():
         state, shardings = exp.init_state(jax.random.key(0))
         before = jax.device_get(state.params)
-        state, _ = exp.train_step(shardings)(state, exp.device_batch(_batch()), jax.random.key(1))
+        state, _ = exp.train_step(shardings)(state, exp.device_batch(train_batch()),
+                                             jax.random.key(1))
         after = jax.device_get(state.params)
     enc_b, enc_a = before["model"]["encoder"], after["model"]["encoder"]
     np.testing.assert_array_equal(enc_b["conv1"]["kernel"], enc_a["conv1"]["kernel"])
@@ -103,19 +89,12 @@ def _accum_config(accum):
 
 def _padded_batch(n=16, valid=ACCUM_VALID):
     """Real rows first, then padding rows (valid 0) holding other audio and labels."""
-    batch = _batch(n=n, seed=3)
+    batch = train_batch(n=n, seed=3)
     batch["valid"] = (np.arange(n) < valid).astype(np.float32)
     batch["domain"] = np.random.default_rng(4).integers(0, len(ACCUM_CORPORA), n).astype(
         np.int32)
     batch["domain"][[1, 6]] = -1  # Unknown domain: out of the domain loss only.
     return batch
-
-
-def _capture_gradients():
-    """An optimizer that keeps the step's gradients as its state and changes nothing."""
-    return optax.GradientTransformation(
-        init=lambda params: jax.tree.map(jnp.zeros_like, params),
-        update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
 
 
 def _reference(model, params, batch):
@@ -179,15 +158,7 @@ def test_gradient_accumulation_matches_full_batch(accum, accum_reference):
     params, (want_terms, want_grads) = accum_reference
     cfg = _accum_config(accum)
     exp = Experiment(cfg, LABELS, ACCUM_CORPORA, steps_per_epoch=10)
-    tx = _capture_gradients()
-    train_step = jax.jit(step_lib.make_train_step(cfg, exp.model, tx, exp.schedule,
-                                                  exp.total_steps))
-    with exp.mesh_context():
-        state = TrainState(step=jnp.zeros([], jnp.int32), params=params,
-                           opt_state=tx.init(params))
-        state, metrics = train_step(state, exp.device_batch(_padded_batch()),
-                                    jax.random.key(1))
-    metrics, grads = jax.device_get(metrics), jax.device_get(state.opt_state)
+    grads, metrics = step_gradients(cfg, exp, params, _padded_batch())
     assert set(want_terms) <= set(metrics)
     for name, want in want_terms.items():
         np.testing.assert_allclose(metrics[name], want, rtol=1e-5, atol=1e-7, err_msg=name)
@@ -211,13 +182,7 @@ def test_supcon_under_accumulation_is_the_row_weighted_mean_of_its_micro_batches
     with exp.mesh_context():
         state, _ = exp.init_state(jax.random.key(0))
     params, batch = jax.device_get(state.params), _padded_batch()
-    tx = _capture_gradients()
-    train_step = jax.jit(step_lib.make_train_step(cfg, exp.model, tx, exp.schedule,
-                                                  exp.total_steps))
-    with exp.mesh_context():
-        state = TrainState(step=jnp.zeros([], jnp.int32), params=params,
-                           opt_state=tx.init(params))
-        _, metrics = train_step(state, exp.device_batch(batch), jax.random.key(1))
+    _, metrics = step_gradients(cfg, exp, params, batch)
     inputs, mask = ser_model.features(exp.model.family, exp.model.encoder_cfg,
                                       batch["audio"], batch["length"])
     embedding = exp.model.apply({"params": params["model"]}, inputs, mask)["embedding"]
@@ -243,7 +208,7 @@ def test_augmentation_suite_in_step_compiles_once_on_8_devices():
         state, shardings = exp.init_state(jax.random.key(0))
         step = exp.train_step(shardings)
         for i in range(3):
-            state, metrics = step(state, exp.device_batch(_batch(seed=i)), jax.random.key(1))
+            state, metrics = step(state, exp.device_batch(train_batch(seed=i)), jax.random.key(1))
             assert np.isfinite(float(metrics["loss"]))
     assert step._cache_size() == 1
 
@@ -265,7 +230,7 @@ def test_hubert_multi_loss_step_with_centers():
     with exp.mesh_context():
         state, shardings = exp.init_state(jax.random.key(0))
         centers = np.asarray(state.params["centers"])
-        state, metrics = exp.train_step(shardings)(state, exp.device_batch(_batch()),
+        state, metrics = exp.train_step(shardings)(state, exp.device_batch(train_batch()),
                                                    jax.random.key(1))
     assert {"kl", "focal", "center", "supcon"} <= set(metrics)
     assert np.isfinite(float(metrics["loss"]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import _wav2vec2_family as fam
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,19 +18,6 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from _wav2vec2_family import (
-    LENGTHS,
-    TINY,
-    apply,
-    assert_bf16_close_and_remat_exact,
-    assert_hidden_close,
-    assert_padding_invariant,
-    assert_sharded,
-    batch,
-    padding_leak,
-    random_params,
-    torch_hidden,
-)
 from safetensors.numpy import load_file
 from transformers.models.wavlm import modeling_wavlm
 
@@ -69,7 +57,7 @@ class Checkpoint:
 def _make_checkpoint(name: str, folder) -> Checkpoint:
     cls_name, heads, norm, stable, extra = CASES[name]
     wavlm_case = cls_name.startswith("WavLM")
-    kwargs = dict(TINY, num_attention_heads=heads, vocab_size=11, num_labels=3, **extra)
+    kwargs = dict(fam.TINY, num_attention_heads=heads, vocab_size=11, num_labels=3, **extra)
     if wavlm_case:
         kwargs.update(feat_extract_norm=norm, do_stable_layer_norm=stable,
                       conv_bias=norm == "layer")
@@ -105,21 +93,16 @@ def test_matches_transformers_padded_batch(ckpt):
     family, config, params = pretrained.load_pretrained(
             ckpt.folder, masked_group_norm=False, masked_pos_conv=False)
     assert family == ckpt.family == config.family
-    audio, mask = batch()
-    out = apply(config, params, audio, mask)
-    assert_hidden_close(out.hidden_states, torch_hidden(ckpt.base, audio, mask))
-    hf_mask = ckpt.base._get_feature_vector_attention_mask(
-            out.mask.shape[1], torch.from_numpy(mask.astype(np.int64)))
-    np.testing.assert_array_equal(np.asarray(out.mask), hf_mask.numpy())
+    fam.assert_matches_transformers(config, params, ckpt.base)
 
 
 def test_matches_transformers_unpadded(ckpt):
     # Each utterance alone, no mask, jaxser's defaults (masked statistics change nothing here).
     _, config, params = pretrained.load_pretrained(ckpt.folder)
-    audio, _ = batch()
-    one = audio[1:2, :LENGTHS[1]]
-    out = apply(config, params, one)
-    assert_hidden_close(out.hidden_states, torch_hidden(ckpt.base, one))
+    audio, _ = fam.batch()
+    one = audio[1:2, :fam.LENGTHS[1]]
+    out = fam.apply(config, params, one)
+    fam.assert_hidden_close(out.hidden_states, fam.torch_hidden(ckpt.base, one))
 
 
 def test_export_loads_in_transformers(ckpt, tmp_path):
@@ -128,9 +111,9 @@ def test_export_loads_in_transformers(ckpt, tmp_path):
     out = pretrained.export_pretrained(config.family, config, params, tmp_path / "export")
     loaded = transformers.AutoModel.from_pretrained(out).eval()
     assert type(loaded) is type(ckpt.base)
-    audio, mask = batch()
-    assert_hidden_close(torch_hidden(loaded, audio, mask), torch_hidden(ckpt.base, audio, mask),
-                         atol=1e-6)
+    audio, mask = fam.batch()
+    fam.assert_hidden_close(fam.torch_hidden(loaded, audio, mask),
+                            fam.torch_hidden(ckpt.base, audio, mask), atol=1e-6)
     family, again_config, again = pretrained.load_pretrained(
             out, masked_group_norm=False, masked_pos_conv=False)
     assert family == config.family and again_config == config
@@ -161,13 +144,13 @@ def test_conversion_errors_list_every_problem(ckpt):
 def test_padding_invariance(family, norm, stable):
     extra = dict(num_conv_pos_embeddings=3, conv_pos_kernel_size=5) if family != "wavlm" else dict(
             num_conv_pos_embeddings=16, num_buckets=32, max_bucket_distance=64)
-    config = Wav2Vec2Config(family=family, num_attention_heads=4, **TINY, **extra,
+    config = Wav2Vec2Config(family=family, num_attention_heads=4, **fam.TINY, **extra,
                             feat_extract_norm=norm, do_stable_layer_norm=stable,
                             conv_bias=norm == "layer")
-    params = random_params(config, 0)
-    assert_padding_invariant(config, params)
+    params = fam.random_params(config, 0)
+    fam.assert_padding_invariant(config, params)
     if family == "data2vec_audio":  # transformers' stack lets padding into valid frames
-        assert padding_leak(dataclasses.replace(config, masked_pos_conv=False), params) > 1e-3
+        assert fam.padding_leak(dataclasses.replace(config, masked_pos_conv=False), params) > 1e-3
 
 
 @pytest.mark.parametrize("num_buckets,max_distance", [(320, 800), (32, 64), (16, 40), (10, 12)])
@@ -185,7 +168,7 @@ def test_gradients_of_relative_position_parameters_match_torch(tmp_path):
     ckpt = _make_checkpoint("wavlm-base", tmp_path)
     config = dataclasses.replace(_hf_exact(ckpt), attention="blockwise")
     params = convert.params_from_torch(load_file(str(tmp_path / "model.safetensors")), config)
-    audio, mask = batch(seed=2)
+    audio, mask = fam.batch(seed=2)
     target = np.random.default_rng(3).standard_normal((3, 259, 32)).astype(np.float32)
     valid = jnp.asarray(ckpt.base._get_feature_vector_attention_mask(
             259, torch.from_numpy(mask.astype(np.int64))).numpy())[..., None]
@@ -251,20 +234,20 @@ def _small(family="wavlm", **overrides) -> Wav2Vec2Config:
     extra = (dict(num_conv_pos_embeddings=16, num_buckets=32, max_bucket_distance=64)
              if family == "wavlm" else
              dict(num_conv_pos_embeddings=2, conv_pos_kernel_size=5, feat_extract_norm="layer"))
-    return Wav2Vec2Config(**{**TINY, "family": family, "num_attention_heads": 4, **extra,
+    return Wav2Vec2Config(**{**fam.TINY, "family": family, "num_attention_heads": 4, **extra,
                              **overrides})
 
 
 @pytest.mark.parametrize("family", ["wavlm", "data2vec_audio"])
 def test_bfloat16_and_remat(family):
     config = _small(family, num_hidden_layers=2)
-    g_remat = assert_bf16_close_and_remat_exact(config, random_params(config, 1))
+    g_remat = fam.assert_bf16_close_and_remat_exact(config, fam.random_params(config, 1))
     if family == "wavlm":  # the relative-position table gets a gradient through the scan
         assert float(jnp.abs(g_remat["rel_attn_embed"]["embedding"]).max()) > 0
 
 
 def test_sharding_of_initialised_params():
-    assert_sharded(_small(intermediate_size=64), {
+    fam.assert_sharded(_small(intermediate_size=64), {
             ("layers_0", "feed_forward", "intermediate_dense", "kernel"): (None, "model"),
             ("layers_0", "attention", "q_proj", "kernel"): (None, "model", None),
             ("layers_0", "attention", "out_proj", "kernel"): ("model", None, None),
@@ -302,7 +285,7 @@ def test_ser_model_builds_both_families():
                 cfg.encoder_overrides[key] = value
         model, enc_cfg = ser_model.build_model(cfg, 4, 1)
         assert enc_cfg.family == family
-        audio = jnp.asarray(batch()[0][:, :2000])
+        audio = jnp.asarray(fam.batch()[0][:, :2000])
         lengths = jnp.array([2000, 1500, 1800])
         inputs, mask = ser_model.features(family, enc_cfg, audio, lengths)
         variables = model.init(jax.random.key(0), inputs, mask)

@@ -154,6 +154,18 @@ class Plan:
     crop: np.ndarray  # [N] crop start (samples) of each example
 
 
+def host_rows(plan: Plan, j: int, layout: Layout, process_index: int,
+              process_count: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """(bucket, ids, fill) of batch `j` of `plan` for one host: `ids` the example ids
+    (-1 = padding example), `fill` the ids to read (padding repeats a real example)."""
+    k = int(plan.bucket[j])
+    size = int(layout.global_batch[k])
+    slots = plan.slots[plan.start[j]: plan.start[j] + size]
+    ids = slots[process_index:: process_count]
+    fill = np.where(ids >= 0, ids, slots[slots >= 0][0])
+    return k, ids, fill
+
+
 def make_layout(lengths: np.ndarray, cfg: LayoutConfig, process_count: int,
                 max_samples: int, host_batch: int | None = None) -> Layout:
     """Buckets for these (cropped) lengths and the per-host batch size of each.

@@ -54,7 +54,7 @@ FEATURES_JSON = "features.json"
 FORMAT_VERSION = 1
 _CHUNK_RE = re.compile(r"^chunk-(\d{6})-p(\d+)\.npz$")
 _ARRAYS = ("mean", "std", "frames")  # the large per-chunk arrays, one .npy each
-_STATE_VERSION = 1
+_STATE_VERSION = pipeline._STATE_VERSION  # the same state format as the audio pipeline
 _INT64_MAX = np.iinfo(np.int64).max
 # dataset.json fields that make two prepared datasets views of one corpus (the split, the
 # split seed and the resulting counts may differ).
@@ -539,11 +539,8 @@ class _FeatureSource:
         """This host's share of global batch `g` (over epochs), as the pipeline's dict."""
         epoch, j = divmod(int(g), self.steps)
         plan = self.plan(epoch)
-        k = int(plan.bucket[j])
-        size = int(self.layout.global_batch[k])
-        slots = plan.slots[plan.start[j]: plan.start[j] + size]
-        ids = slots[self.process_index:: self.process_count]
-        fill = np.where(ids >= 0, ids, slots[slots >= 0][0])
+        k, ids, fill = buckets.host_rows(plan, j, self.layout, self.process_index,
+                                         self.process_count)
         t = self.table
         batch = {key: np.asarray(value[fill]) for key, value in t.arrays.items()}
         batch["length"] = t.length[fill].astype(np.int32)
@@ -601,49 +598,23 @@ class _Prefetch:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-class TrainIterator:
+class TrainIterator(pipeline.TrainPosition):
     """Infinite, exactly resumable training batches of cached features for one host (the
     counterpart of `pipeline.TrainIterator`, with the same state format)."""
 
     def __init__(self, features_dir: str | Path, data_dir: str | Path | None, split: str,
                  cfg: pipeline.PipelineConfig, spec: FeatureSpec, state: dict | None = None,
                  process_index: int | None = None, process_count: int | None = None):
-        pi, pc = _process(process_index, process_count)
-        if state is not None and int(state.get("seed", cfg.seed)) != cfg.seed:
-            log.warning("resuming with the state's seed %s (config has %s)", state["seed"],
-                        cfg.seed)
-            cfg = dataclasses.replace(cfg, seed=int(state["seed"]))
-        self.cfg = cfg
+        pi, pc = pipeline.resolve_process(process_index, process_count)
+        self.cfg = cfg = pipeline.resume_config(cfg, state)
         self._src = _FeatureSource(features_dir, data_dir, split, cfg, spec, pi, pc, True)
         self.steps_per_epoch = self._src.steps
         self._g = 0 if state is None else self._position(state)
         self._prefetch: _Prefetch | None = None
 
     def _position(self, state: dict) -> int:
-        if int(state.get("version", _STATE_VERSION)) != _STATE_VERSION:
-            raise ValueError(f"unknown pipeline state version {state.get('version')}")
-        n = state.get("num_examples")
-        if n is not None and int(n) != len(self._src.table):
-            raise ValueError(f"pipeline state is for {n} examples but split "
-                             f"{self._src.split!r} has {len(self._src.table)}")
-        epoch, step = int(state["epoch"]), int(state["step"])
-        if int(state.get("steps_per_epoch", self.steps_per_epoch)) != self.steps_per_epoch:
-            log.warning("steps per epoch changed (%s -> %s): the resumed stream is not exact",
-                        state.get("steps_per_epoch"), self.steps_per_epoch)
-            step = min(step, self.steps_per_epoch)
-        return epoch * self.steps_per_epoch + step
-
-    @property
-    def epoch(self) -> int:
-        return int(self._g // self.steps_per_epoch)
-
-    @property
-    def step(self) -> int:
-        return int(self._g % self.steps_per_epoch)
-
-    @property
-    def buckets(self) -> list[tuple[int, int]]:
-        return self._src.describe()
+        pipeline.check_state(state, len(self._src.table), self._src.split)
+        return pipeline.state_position(state, self.steps_per_epoch)
 
     def state(self) -> dict:
         return {"version": _STATE_VERSION, "epoch": self.epoch, "step": self.step,
@@ -667,15 +638,6 @@ class TrainIterator:
             self._prefetch = None
 
 
-def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-    if process_index is None or process_count is None:
-        import jax  # only when the caller lets JAX decide
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    return int(process_index), int(process_count)
-
-
 def train_iterator(features_dir: str | Path, data_dir: str | Path | None, split: str,
                    cfg: pipeline.PipelineConfig, spec: FeatureSpec, state: dict | None = None,
                    process_index: int | None = None,
@@ -689,7 +651,7 @@ def epoch_steps(features_dir: str | Path, data_dir: str | Path | None, split: st
                 cfg: pipeline.PipelineConfig, spec: FeatureSpec,
                 process_count: int | None = None) -> int:
     """Training batches per epoch (equal to `pipeline.epoch_steps` of the same split)."""
-    pc = _process(None, None)[1] if process_count is None else process_count
+    pc = pipeline.resolve_process(None, None)[1] if process_count is None else process_count
     return _FeatureSource(features_dir, data_dir, split, cfg, spec, 0, pc, True).steps
 
 
@@ -699,7 +661,7 @@ def eval_batches(features_dir: str | Path, data_dir: str | Path | None, split: s
                  process_count: int | None = None) -> Iterator[dict]:
     """Every example of `split` once, over all hosts, sorted by length (as
     `pipeline.eval_batches`; the last batches filled with masked examples)."""
-    pi, pc = _process(process_index, process_count)
+    pi, pc = pipeline.resolve_process(process_index, process_count)
     src = _FeatureSource(features_dir, data_dir, split, cfg, spec, pi, pc, False, batch_size)
     if src.steps == 0:
         return

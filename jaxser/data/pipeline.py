@@ -145,7 +145,9 @@ class PipelineConfig:
 # The batch source shared by training and evaluation
 
 
-def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+def resolve_process(process_index: int | None,
+                    process_count: int | None) -> tuple[int, int]:
+    """This host's (process index, process count): the given ones, JAX's where None."""
     if process_index is None or process_count is None:
         import jax  # only when the caller lets JAX decide
 
@@ -154,6 +156,35 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     return int(process_index), int(process_count)
+
+
+def resume_config(cfg: PipelineConfig, state: Mapping | None) -> PipelineConfig:
+    """A copy of `cfg` with the seed of the iterator `state` being resumed (if any)."""
+    seed = cfg.seed
+    if state is not None and int(state.get("seed", seed)) != seed:
+        log.warning("resuming with the state's seed %s (config has %s)", state["seed"], seed)
+        seed = int(state["seed"])
+    return dataclasses.replace(cfg, seed=seed)
+
+
+def check_state(state: Mapping, num_examples: int, split: str) -> None:
+    """Raises ValueError if an iterator `state` is of another version or split size."""
+    if int(state.get("version", _STATE_VERSION)) != _STATE_VERSION:
+        raise ValueError(f"unknown pipeline state version {state.get('version')}")
+    n = state.get("num_examples")
+    if n is not None and int(n) != num_examples:
+        raise ValueError(f"pipeline state is for {n} examples but split "
+                         f"{split!r} has {num_examples}")
+
+
+def state_position(state: Mapping, steps_per_epoch: int) -> int:
+    """The global batch index an iterator `state` resumes at, with `steps_per_epoch` now."""
+    epoch, step = int(state["epoch"]), int(state["step"])
+    if int(state.get("steps_per_epoch", steps_per_epoch)) != steps_per_epoch:
+        log.warning("steps per epoch changed (%s -> %s): the resumed stream is not exact",
+                    state.get("steps_per_epoch"), steps_per_epoch)
+        step = min(step, steps_per_epoch)
+    return epoch * steps_per_epoch + step
 
 
 def _seconds(seconds: float, sample_rate: int) -> int:
@@ -258,11 +289,8 @@ class _BatchSource:
         (-1 = padding example), `fill` the rows to read (padding repeats a real example)."""
         epoch, j = divmod(int(g), self.steps)
         plan = self.plan(epoch)
-        k = int(plan.bucket[j])
-        size = int(self.layout.global_batch[k])
-        slots = plan.slots[plan.start[j]: plan.start[j] + size]
-        ids = slots[self.process_index:: self.process_count]
-        fill = np.where(ids >= 0, ids, slots[slots >= 0][0])
+        k, ids, fill = buckets.host_rows(plan, j, self.layout, self.process_index,
+                                         self.process_count)
         return plan, k, ids, fill
 
     def host_batch(self, g: Any):
@@ -358,50 +386,13 @@ def _finish(batch: dict) -> dict:
 # Public API
 
 
-class TrainIterator:
-    """Infinite iterator of training batches for one host, resumable exactly.
+class TrainPosition:
+    """The position of a resumable training iterator (also `features.TrainIterator`): the
+    next global batch `_g`, over `steps_per_epoch`, of the batch source `_src`."""
 
-    `state()` is a JSON-serialisable dict; `train_iterator(..., state=s)` continues with
-    exactly the batches the uninterrupted iterator would have yielded next.
-    """
-
-    def __init__(self, data_dir: str | Path, split: str, cfg: PipelineConfig,
-                 state: dict | None = None, process_index: int | None = None,
-                 process_count: int | None = None):
-        pi, pc = _process(process_index, process_count)
-        seed = cfg.seed
-        if state is not None and int(state.get("seed", seed)) != seed:
-            log.warning("resuming with the state's seed %s (config has %s)", state["seed"], seed)
-            seed = int(state["seed"])
-        self.cfg = dataclasses.replace(cfg, seed=seed)
-        self._src = _BatchSource(data_dir, split, self.cfg, pi, pc, train=True)
-        self.steps_per_epoch = int(self._src.steps)
-        self._g = 0
-        if state is not None:
-            self._g = self._position(state)
-        self._it: Iterator | None = None
-
-    def _position(self, state: dict) -> int:
-        if int(state.get("version", _STATE_VERSION)) != _STATE_VERSION:
-            raise ValueError(f"unknown pipeline state version {state.get('version')}")
-        n = state.get("num_examples")
-        if n is not None and int(n) != len(self._src.index):
-            raise ValueError(f"pipeline state is for {n} examples but split "
-                             f"{self._src.split!r} has {len(self._src.index)}")
-        balanced = state.get("class_balanced")
-        if balanced is not None and bool(balanced) != self.cfg.class_balanced:
-            log.warning("the pipeline state was saved with class_balanced=%s, now it is %s: the "
-                        "resumed stream is not exact", bool(balanced), self.cfg.class_balanced)
-        skipped = state.get("skipped")
-        if skipped is not None and int(skipped) != self._src.skipped:
-            log.warning("the pipeline state skipped %s damaged records, now %d are skipped: the "
-                        "resumed stream is not exact", skipped, self._src.skipped)
-        epoch, step = int(state["epoch"]), int(state["step"])
-        if int(state.get("steps_per_epoch", self.steps_per_epoch)) != self.steps_per_epoch:
-            log.warning("steps per epoch changed (%s -> %s): the resumed stream is not exact",
-                        state.get("steps_per_epoch"), self.steps_per_epoch)
-            step = min(step, self.steps_per_epoch)
-        return epoch * self.steps_per_epoch + step
+    _g: int
+    steps_per_epoch: int
+    _src: Any
 
     @property
     def epoch(self) -> int:
@@ -417,6 +408,38 @@ class TrainIterator:
     def buckets(self) -> list[tuple[int, int]]:
         """(padded length in samples, examples per host) of each bucket."""
         return self._src.describe()
+
+
+class TrainIterator(TrainPosition):
+    """Infinite iterator of training batches for one host, resumable exactly.
+
+    `state()` is a JSON-serialisable dict; `train_iterator(..., state=s)` continues with
+    exactly the batches the uninterrupted iterator would have yielded next.
+    """
+
+    def __init__(self, data_dir: str | Path, split: str, cfg: PipelineConfig,
+                 state: dict | None = None, process_index: int | None = None,
+                 process_count: int | None = None):
+        pi, pc = resolve_process(process_index, process_count)
+        self.cfg = resume_config(cfg, state)
+        self._src = _BatchSource(data_dir, split, self.cfg, pi, pc, train=True)
+        self.steps_per_epoch = int(self._src.steps)
+        self._g = 0
+        if state is not None:
+            self._g = self._position(state)
+        self._it: Iterator | None = None
+
+    def _position(self, state: dict) -> int:
+        check_state(state, len(self._src.index), self._src.split)
+        balanced = state.get("class_balanced")
+        if balanced is not None and bool(balanced) != self.cfg.class_balanced:
+            log.warning("the pipeline state was saved with class_balanced=%s, now it is %s: the "
+                        "resumed stream is not exact", bool(balanced), self.cfg.class_balanced)
+        skipped = state.get("skipped")
+        if skipped is not None and int(skipped) != self._src.skipped:
+            log.warning("the pipeline state skipped %s damaged records, now %d are skipped: the "
+                        "resumed stream is not exact", skipped, self._src.skipped)
+        return state_position(state, self.steps_per_epoch)
 
     def state(self) -> dict:
         """Position after the last batch returned (JSON-serialisable)."""
@@ -456,14 +479,14 @@ def train_iterator(data_dir: str | Path, split: str, cfg: PipelineConfig,
 def epoch_steps(data_dir: str | Path, split: str, cfg: PipelineConfig,
                 process_count: int | None = None) -> int:
     """Training batches per epoch (the same on every host)."""
-    pc = _process(None, None)[1] if process_count is None else process_count
+    pc = resolve_process(None, None)[1] if process_count is None else process_count
     return _BatchSource(data_dir, split, cfg, 0, pc, train=True).steps
 
 
 def eval_steps(data_dir: str | Path, split: str, batch_size: int | None, cfg: PipelineConfig,
                process_count: int | None = None) -> int:
     """Evaluation batches of `split` (the same on every host)."""
-    pc = _process(None, None)[1] if process_count is None else process_count
+    pc = resolve_process(None, None)[1] if process_count is None else process_count
     return _BatchSource(data_dir, split, cfg, 0, pc, train=False, host_batch=batch_size).steps
 
 
@@ -482,7 +505,7 @@ def eval_batches(data_dir: str | Path, split: str, batch_size: int | None,
     Every host yields the same number of batches (`eval_steps`) of a fixed size per bucket;
     the last ones are filled with masked examples (`valid` 0), never dropped.
     """
-    pi, pc = _process(process_index, process_count)
+    pi, pc = resolve_process(process_index, process_count)
     src = _BatchSource(data_dir, split, cfg, pi, pc, train=False, host_batch=batch_size,
                        rows=rows)
     if src.steps == 0:

@@ -45,15 +45,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxser.models.attention import IMPLEMENTATIONS
+from jaxser.models.attention import dot_product_attention
 from jaxser.models.frontend import FeatureExtractor, _grouped_conv_same_fft
 from jaxser.models.layers import ACTIVATIONS, Modules, gelu, partitioned, run_layers
 from jaxser.models.outputs import EncoderOutput
+from jaxser.models.wav2vec2_config import (  # the same conv stack (re-exported)
+    feature_lengths,
+    min_samples,
+    validate_conv_stack,
+    validate_runtime,
+)
 
 log = logging.getLogger(__name__)
 
 _TUPLE_FIELDS = ("conv_dim", "conv_stride", "conv_kernel")
-_logged: set[str] = set()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,10 +80,10 @@ class Emotion2vecConfig:
     projection), `attention_dropout`, `activation_dropout` (inside the MLP),
     `post_mlp_dropout`, `prenet_dropout` (after the prenet's LayerNorm), `input_dropout`
     (dropout_input, before the shared blocks), `layerdrop`, `prenet_layerdrop`.
-    jaxser options: `dtype`, `param_dtype`, `remat`, `attention` ("auto" and "einsum": einsum
-    attention with the ALiBi bias; "xla"/"cudnn": `jax.nn.dot_product_attention` with the
-    bias; "blockwise" has no bias and runs einsum), `pos_conv` ("auto": FFT on CPU,
-    "fft", "direct") and `masked_group_norm` (only for feat_extract_norm="group").
+    jaxser options: `dtype`, `param_dtype`, `remat`, `attention` (an implementation of
+    `jaxser.models.attention.dot_product_attention`, each with the ALiBi bias), `pos_conv`
+    ("auto": FFT on CPU, "fft", "direct") and `masked_group_norm` (only for
+    feat_extract_norm="group").
     """
 
     hidden_size: int = 768
@@ -140,12 +145,7 @@ class Emotion2vecConfig:
 
 def _validate(cfg: Emotion2vecConfig) -> None:
     """Raises ValueError naming the first inconsistent field of `cfg`."""
-    if cfg.feat_extract_norm not in ("group", "layer"):
-        raise ValueError(f"feat_extract_norm {cfg.feat_extract_norm!r} is not 'group' or 'layer'")
-    if not len(cfg.conv_dim) == len(cfg.conv_stride) == len(cfg.conv_kernel) > 0:
-        raise ValueError(
-                f"conv_dim {cfg.conv_dim}, conv_stride {cfg.conv_stride} and conv_kernel "
-                f"{cfg.conv_kernel} must have the same non-zero length")
+    validate_conv_stack(cfg)
     for name, divisor in (("num_attention_heads", cfg.num_attention_heads),
                           ("conv_pos_groups", cfg.conv_pos_groups)):
         if divisor < 1 or cfg.hidden_size % divisor:
@@ -157,15 +157,7 @@ def _validate(cfg: Emotion2vecConfig) -> None:
     if cfg.feat_extract_activation not in ACTIVATIONS:
         raise ValueError(f"feat_extract_activation {cfg.feat_extract_activation!r} is not one "
                          f"of {sorted(ACTIVATIONS)}")
-    if cfg.attention not in IMPLEMENTATIONS:
-        raise ValueError(f"attention {cfg.attention!r} is not one of {IMPLEMENTATIONS}")
-    if cfg.pos_conv not in ("auto", "direct", "fft"):
-        raise ValueError(f"pos_conv {cfg.pos_conv!r} is not auto/direct/fft")
-    for name in ("dtype", "param_dtype"):
-        try:
-            jnp.dtype(getattr(cfg, name))
-        except TypeError as e:
-            raise ValueError(f"{name} {getattr(cfg, name)!r} is not a dtype") from e
+    validate_runtime(cfg)
 
 
 # The released sizes, for random init and benchmarks; a checkpoint's own config wins on import.
@@ -180,22 +172,6 @@ EMOTION2VEC_SIZES: dict[str, Emotion2vecConfig] = {
 
 
 # ----------------------------------------------------------------------------- lengths, input
-
-
-def feature_lengths(config: Emotion2vecConfig, lengths):
-    """Frames the conv feature extractor makes from `lengths` samples (ints or arrays)."""
-    for kernel, stride in zip(config.conv_kernel, config.conv_stride, strict=True):
-        lengths = (lengths - kernel) // stride + 1
-    return lengths
-
-
-def min_samples(config: Emotion2vecConfig) -> int:
-    """The fewest samples that give one frame (the conv stack's receptive field)."""
-    n = 1
-    for kernel, stride in zip(reversed(config.conv_kernel), reversed(config.conv_stride),
-                              strict=True):
-        n = (n - 1) * stride + kernel
-    return n
 
 
 def input_features(config: Emotion2vecConfig, audio: jax.Array,
@@ -242,12 +218,6 @@ def alibi_bias(config: Emotion2vecConfig, num_frames: int) -> jax.Array:
 # ----------------------------------------------------------------------------- layers
 
 
-def _log_once(key: str, message: str, *args: Any) -> None:
-    if key not in _logged:
-        _logged.add(key)
-        log.info(message, *args)
-
-
 def _plain_layer_norm(x: jax.Array, eps: float = 1e-5) -> jax.Array:
     """LayerNorm over the last axis without scale and bias (float32 statistics)."""
     x32 = x.astype(jnp.float32)
@@ -261,36 +231,6 @@ def _scaled_bias(bias: jax.Array, scale: jax.Array, heads: int) -> jax.Array:
     `heads` heads (FunASR adds the bias to the first Ha heads only)."""
     bias = bias * jnp.maximum(scale.astype(jnp.float32), 0.0)[:, None, None]
     return jnp.pad(bias, ((0, heads - bias.shape[0]), (0, 0), (0, 0)))
-
-
-def _attention(q, k, v, bias, mask, implementation, dropout_rate, dropout_rng):
-    """Softmax attention over [B, S, H, D] with an additive bias [H, S, S] (or None) and a
-    key mask [B, S] (a prefix mask: extra tokens, then the valid frames).
-
-    "auto", "einsum" (and "blockwise", which has no bias): float32 scores plus the bias and
-    a float32 softmax, as FunASR's AltAttention. "xla" and "cudnn": jax.nn's XLA attention
-    with the bias and the padding as sequence lengths (cuDNN's fused kernel is not used: the
-    bias carries the learned ALiBi scales, whose gradient it does not give at batch > 1).
-    """
-    if implementation == "cudnn" or (implementation == "xla" and dropout_rate):
-        _log_once(f"e2v-{implementation}", "emotion2vec: attention=%r runs %s", implementation,
-                  "einsum attention (dropout)" if dropout_rate else "jax.nn's XLA attention "
-                  "with the ALiBi bias")
-        implementation = "einsum" if dropout_rate else "xla"
-    if implementation == "xla":
-        lengths = jnp.maximum(jnp.sum(mask.astype(jnp.int32), axis=-1), 1)
-        return jax.nn.dot_product_attention(
-                q, k, v, bias=None if bias is None else bias[None].astype(q.dtype),
-                query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation="xla")
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q * (q.shape[-1] ** -0.5), k).astype(jnp.float32)
-    if bias is not None:
-        scores = scores + bias[None]
-    scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    if dropout_rate:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
 class Attention(nn.Module):
@@ -309,8 +249,9 @@ class Attention(nn.Module):
                        ("embed", None, "heads", "kv"), "qkv")(x)  # [batch, S, 3, H, D]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         rate = 0.0 if self.deterministic else cfg.attention_dropout
-        out = _attention(q, k, v, bias, mask, cfg.attention, rate,
-                         self.make_rng("dropout") if rate else None)
+        out = dot_product_attention(q, k, v, mask, cfg.attention, dropout_rate=rate,
+                                    dropout_rng=self.make_rng("dropout") if rate else None,
+                                    bias=None if bias is None else bias[None])
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         out = mk.dense(cfg.hidden_size, ("heads", "kv", "embed"), "out_proj")(out)
         return nn.Dropout(cfg.hidden_dropout)(out, deterministic=self.deterministic)

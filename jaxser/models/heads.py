@@ -78,6 +78,18 @@ class _MLP(nn.Module):
         return out.astype(jnp.float32)
 
 
+def _check_input(head: nn.Module, x: jax.Array) -> None:
+    if x.ndim not in (2, 3):
+        raise ValueError(f"{type(head).__name__} input must be [B, D] or [B, T, D], "
+                         f"got {x.shape}")
+
+
+def _head_mlp(head: nn.Module, outputs: int, x: jax.Array, deterministic: bool) -> jax.Array:
+    """The `mlp` of a head, from its hidden_dim, activation, dropout_rate, dtype (and norm)."""
+    return _MLP(outputs, "classes", head.hidden_dim, head.activation, head.dropout_rate,
+                head.dtype, getattr(head, "norm", False), name="mlp")(x, deterministic)
+
+
 class EmotionHead(nn.Module):
     """Emotion classifier: [B, D] or [B, T, D] -> logits [B, K] or [B, T, K] (float32).
 
@@ -101,11 +113,8 @@ class EmotionHead(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         """Logits over the emotion classes (apply log_softmax for the losses)."""
-        if x.ndim not in (2, 3):
-            raise ValueError(f"EmotionHead input must be [B, D] or [B, T, D], got {x.shape}")
-        logits = _MLP(
-                self.num_classes, "classes", self.hidden_dim, self.activation,
-                self.dropout_rate, self.dtype, self.norm, name="mlp")(x, deterministic)
+        _check_input(self, x)
+        logits = _head_mlp(self, self.num_classes, x, deterministic)
         return nn.with_logical_constraint(logits, _activation_axes(logits, "classes"))
 
 
@@ -183,12 +192,8 @@ class DomainHead(nn.Module):
             self, x: jax.Array, lam: float | jax.Array = 1.0, deterministic: bool = True,
     ) -> jax.Array:
         """[B, D] or [B, T, D] -> domain logits [B, M] or [B, T, M] (float32)."""
-        if x.ndim not in (2, 3):
-            raise ValueError(f"DomainHead input must be [B, D] or [B, T, D], got {x.shape}")
-        x = gradient_reversal(x, lam)
-        logits = _MLP(
-                self.num_domains, "classes", self.hidden_dim, self.activation,
-                self.dropout_rate, self.dtype, name="mlp")(x, deterministic)
+        _check_input(self, x)
+        logits = _head_mlp(self, self.num_domains, gradient_reversal(x, lam), deterministic)
         return nn.with_logical_constraint(logits, _activation_axes(logits, "classes"))
 
 
@@ -219,10 +224,6 @@ class DimensionalHead(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         """[B, D] or [B, T, D] -> [B, num_outputs] or [B, T, num_outputs] (float32)."""
-        if x.ndim not in (2, 3):
-            raise ValueError(f"DimensionalHead input must be [B, D] or [B, T, D], got {x.shape}")
+        _check_input(self, x)
         out_act = _activation(self.output_activation, _OUTPUT_ACTIVATIONS)
-        values = _MLP(
-                self.num_outputs, "classes", self.hidden_dim, self.activation,
-                self.dropout_rate, self.dtype, self.norm, name="mlp")(x, deterministic)
-        return out_act(values)
+        return out_act(_head_mlp(self, self.num_outputs, x, deterministic))

@@ -194,12 +194,7 @@ def _validate(cfg: Wav2Vec2Config) -> None:
     """Raises ValueError naming the first inconsistent field of `cfg`."""
     if cfg.family not in FAMILIES:
         raise ValueError(f"family {cfg.family!r} is not one of {FAMILIES}")
-    if cfg.feat_extract_norm not in ("group", "layer"):
-        raise ValueError(f"feat_extract_norm {cfg.feat_extract_norm!r} is not 'group' or 'layer'")
-    if not len(cfg.conv_dim) == len(cfg.conv_stride) == len(cfg.conv_kernel) > 0:
-        raise ValueError(
-                f"conv_dim {cfg.conv_dim}, conv_stride {cfg.conv_stride} and conv_kernel "
-                f"{cfg.conv_kernel} must have the same non-zero length")
+    validate_conv_stack(cfg)
     if cfg.hidden_size % cfg.num_attention_heads:
         raise ValueError(
                 f"hidden_size {cfg.hidden_size} is not divisible by num_attention_heads "
@@ -221,6 +216,23 @@ def _validate(cfg: Wav2Vec2Config) -> None:
     if cfg.family == "data2vec_audio" and cfg.num_conv_pos_embeddings < 1:
         raise ValueError("data2vec_audio needs num_conv_pos_embeddings >= 1 (positional "
                          f"convolutions), got {cfg.num_conv_pos_embeddings}")
+    validate_runtime(cfg)
+
+
+def validate_conv_stack(cfg: Any) -> None:
+    """Raises ValueError for a bad conv feature extractor (`feat_extract_norm`, `conv_*`)
+    of a wav2vec2-family or emotion2vec config."""
+    if cfg.feat_extract_norm not in ("group", "layer"):
+        raise ValueError(f"feat_extract_norm {cfg.feat_extract_norm!r} is not 'group' or 'layer'")
+    if not len(cfg.conv_dim) == len(cfg.conv_stride) == len(cfg.conv_kernel) > 0:
+        raise ValueError(
+                f"conv_dim {cfg.conv_dim}, conv_stride {cfg.conv_stride} and conv_kernel "
+                f"{cfg.conv_kernel} must have the same non-zero length")
+
+
+def validate_runtime(cfg: Any) -> None:
+    """Raises ValueError for a bad `attention`, `pos_conv`, `dtype` or `param_dtype` of a
+    wav2vec2-family or emotion2vec config."""
     if cfg.attention not in IMPLEMENTATIONS:
         raise ValueError(f"attention {cfg.attention!r} is not one of {IMPLEMENTATIONS}")
     if cfg.pos_conv not in ("auto", "direct", "fft"):
@@ -261,7 +273,7 @@ WAV2VEC2_SIZES: dict[str, Wav2Vec2Config] = {
 # ----------------------------------------------------------------------------- lengths, masks
 
 
-def feature_lengths(config: Wav2Vec2Config, lengths):
+def feature_lengths(config: Wav2Vec2Config | Any, lengths):
     """Frames the conv feature extractor makes from `lengths` samples (HF's formula).
 
     Works on Python ints, NumPy and JAX arrays (jittable). Lengths shorter than the receptive
@@ -284,7 +296,7 @@ def frame_mask(config: Wav2Vec2Config, sample_lengths: jax.Array, num_frames: in
     return jnp.arange(num_frames)[None, :] < frames[:, None]
 
 
-def min_samples(config: Wav2Vec2Config) -> int:
+def min_samples(config: Wav2Vec2Config | Any) -> int:
     """The fewest samples that give one frame (the conv stack's receptive field)."""
     n = 1
     for kernel, stride in zip(reversed(config.conv_kernel), reversed(config.conv_stride),
