@@ -11,6 +11,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # default for float32 is TF32. A no-op on CPU.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Compiled steps are cached in a folder of this test session (the default config's
+# ~/.cache/jaxser/xla is left alone); subprocesses of the tests inherit it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxser-test-xla-")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 
