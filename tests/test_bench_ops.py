@@ -91,6 +91,7 @@ def test_ops_whisper_children_every_piece_and_the_sum_check():
     assert "| **sum of pieces x count** |" in proc.stdout
 
 
+@pytest.mark.slow  # runs a benchmark end to end
 def test_ops_hubert_same_process_every_piece(capsys):
     result = ops.main([*HUBERT_TINY, *QUICK, "--same-process", "--no-step"])
     check_machine(result["machine"])
@@ -107,6 +108,7 @@ def test_ops_rejects_unknown_pieces():
         ops.main([*WHISPER_TINY, *QUICK, "--same-process", "--pieces", "conv_stem,nope"])
 
 
+@pytest.mark.slow  # runs a benchmark end to end
 def test_train_step_json_names_the_machine():
     from bench import train_step
 
@@ -117,6 +119,7 @@ def test_train_step_json_names_the_machine():
     assert result["jaxser_step_s"] > 0 and result["torch_step_s"] > 0
 
 
+@pytest.mark.slow  # runs a benchmark end to end
 def test_augment_cost_json_names_the_machine():
     from bench import augment_cost
 

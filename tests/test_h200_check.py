@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKED = ("tensorflow", "librosa", "soundfile", "ml_collections")
 IMPORT_PATH = ("jaxser.models.ser_model", "jaxser.models.attention", "jaxser.train.step",
@@ -56,6 +58,7 @@ def test_the_import_path_works_with_the_packages_blocked(tmp_path):
     assert out.stdout.strip().endswith("ok")
 
 
+@pytest.mark.slow  # about a minute: runs the whole script on CPU
 def test_smoke_runs_end_to_end_on_cpu_without_the_missing_packages(tmp_path):
     out_file = tmp_path / "h200.json"
     proc = subprocess.run([sys.executable, "bench/h200_check.py", "--smoke", "--out",
