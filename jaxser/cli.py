@@ -112,9 +112,9 @@ def cmd_sweep(args, overrides: list[str]) -> None:
 
     config_lib.load_config(args.config, overrides)  # Fails before any work on typos.
     distributed.initialize(args)
-    from jaxser import sweep
+    from jaxser import folds
 
-    sweep.layer_sweep(args.config, overrides, args.folds, args.data_root, layers=args.layers,
+    folds.layer_sweep(args.config, overrides, args.folds, args.data_root, layers=args.layers,
                       weighted=args.weighted, **_fold_arguments(args))
 
 

@@ -8,7 +8,7 @@ swallowed import errors). `_load_funasr()` puts empty package shells for `funasr
 at the wheel's folders, so only `funasr/register.py`, `funasr/utils/amp.py` and
 `funasr/models/emotion2vec/*.py` run (they need torch and omegaconf); the audio-file
 loader `funasr.utils.load_utils` becomes a pass-through for in-memory waveforms. Nothing is
-vendored; without funasr the module is skipped.
+vendored; funasr is a test requirement, so its absence is an error, not a skip.
 
 Random weights are written in the released layouts by the reference model itself: a
 fairseq emotion2vec_base `.pt` ({"cfg": {"model", "task"}, "model": state dict}, with
@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import soundfile
+import torch  # noqa: E402  (a test requirement)
 import yaml
 
 from jaxser import cli
@@ -51,7 +52,6 @@ from jaxser.models.emotion2vec import (
 )
 from jaxser.models.pretrained import load_pretrained
 
-torch = pytest.importorskip("torch")
 torch.set_num_threads(1)  # Tiny models; threads only fight the other processes on the CPU.
 
 LENGTHS = (5200, 3100, 4432)  # samples: ~0.2-0.33 s, at most 35 frames of the tiny stack
@@ -65,10 +65,10 @@ ATOL = 1e-4
 
 def _load_funasr():
     """FunASR's emotion2vec model module, imported from the installed wheel's files without
-    its package __init__ (module docstring), or None when funasr/omegaconf are missing."""
+    its package __init__ (module docstring)."""
     spec = importlib.util.find_spec("funasr")  # finds the package, runs nothing
     if spec is None or importlib.util.find_spec("omegaconf") is None:
-        return None
+        raise ImportError("funasr and omegaconf (requirements-test.txt) are needed: make install")
     root = Path(next(iter(spec.submodule_search_locations)))
     for name, folder in (("funasr", ""), ("funasr.models", "models"),
                          ("funasr.models.emotion2vec", "models/emotion2vec"),
@@ -88,10 +88,7 @@ def _load_funasr():
 def funasr():
     saved = {k: v for k, v in sys.modules.items() if k == "funasr" or k.startswith("funasr.")}
     try:
-        module = _load_funasr()
-        if module is None:
-            pytest.skip("funasr (requirements-test.txt) is not installed")
-        yield module  # The shells stay while the module's models are built (lazy imports).
+        yield _load_funasr()  # The shells stay while the module's models are built (lazy imports).
     finally:
         for key in [k for k in sys.modules if k == "funasr" or k.startswith("funasr.")]:
             del sys.modules[key]

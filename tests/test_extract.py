@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxser import cli, sweep
+from jaxser import cli, folds, report
 from jaxser import config as config_lib
 from jaxser.config import ConfigError
 from jaxser.data import features as features_lib
@@ -222,13 +222,13 @@ def test_superb_smoke_frames_train_predict_and_sweep(root, trained, capsys):
         [np.random.default_rng(1).normal(0, 0.1, 9000).astype(np.float32)])
     assert len(rows[0]["frame_probs"]) > 1 and abs(sum(rows[0]["distribution"].values()) -
                                                    1) < 1e-4
-    out = sweep.layer_sweep(SUPERB, [*ov[1:], f"--config.workdir={root / 'sweep'}",
+    out = folds.layer_sweep(SUPERB, [*ov[1:], f"--config.workdir={root / 'sweep'}",
                                      "--config.train.max_steps=1"], 2, root,
                             layers="1", weighted=False)
     assert [r["layer"] for r in out["rows"]] == [1]
-    for name in (sweep.SWEEP_JSON, sweep.SWEEP_TABLE, sweep.SWEEP_PLOT):
+    for name in (folds.SWEEP_JSON, folds.SWEEP_TABLE, folds.SWEEP_PLOT):
         assert (root / "sweep" / name).is_file()
-    assert "| 1 |" in (root / "sweep" / sweep.SWEEP_TABLE).read_text()
+    assert "| 1 |" in (root / "sweep" / folds.SWEEP_TABLE).read_text()
 
 
 def test_superb_probe_variants_load():
@@ -251,9 +251,9 @@ def test_sweep_table_and_plot(tmp_path):
                          for m in ("ua", "wa", "macro_f1")}} for i in range(3)]
     rows.append({"layer": "weighted", "workdir": "", "count": 8, "metrics": rows[1]["metrics"]})
     summary = {"config": "c", "folds": 2, "features": "f", "split": "test", "rows": rows}
-    table = sweep.format_table(summary)
+    table = folds.format_sweep_table(summary)
     assert "| 2 | 0.2000 +- 0.0100" in table and "| weighted |" in table
-    sweep.report_lib.save(sweep.plot(summary), tmp_path / "p.png")
+    report.save(folds.plot_sweep(summary), tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 

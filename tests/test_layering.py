@@ -1,5 +1,5 @@
 """Imports point one way: base < data < audio < models < train < {evaluate, predict, export,
-folds, demo, report, sweep} < cli (README, "Architecture").
+folds, demo, report} < cli (README, "Architecture").
 
 An AST walk over jaxser/**/*.py (no import runs): every `import` and `from ... import`, at
 module level or inside a function, must name a module of the same or a lower layer, and the
@@ -26,7 +26,7 @@ LAYERS = {
     "models": 3,  # encoders, pooling, heads, conversion
     "train": 4,  # losses, metrics, optimizer, sharding, checkpoints, the loop
     # what a user runs on a trained workdir or around training
-    "evaluate": 5, "predict": 5, "export": 5, "folds": 5, "demo": 5, "report": 5, "sweep": 5,
+    "evaluate": 5, "predict": 5, "export": 5, "folds": 5, "demo": 5, "report": 5,
     "cli": 6, "__main__": 6,  # the command line
 }
 NAMES = {0: "base", 1: "data", 2: "audio", 3: "models", 4: "train", 5: "evaluate/predict/...",
