@@ -59,8 +59,10 @@ def _cfg(root, spec=DEMO, *extra):
 
 @pytest.fixture(scope="module")
 def trained(root):
-    """The same head trained twice: with the frozen encoder in the loop, and on features."""
-    steps = ("--config.train.max_steps=5", "--config.train.eval_every=5")
+    """The same heads (categories and dimensions) trained twice: with the frozen encoder in
+    the loop, and on features."""
+    steps = ("--config.train.max_steps=5", "--config.train.eval_every=5",
+             "--config.model.dims_head=True", "--config.loss.ccc=0.5")
     audio = _cfg(root, DEMO, *FROZEN, *steps, f"--config.workdir={root / 'audio'}")
     feats = _cfg(root, DEMO, *FROZEN, *steps, f"--config.workdir={root / 'feats'}",
                  f"--config.data.features={root / 'features'}")
@@ -79,7 +81,8 @@ def test_head_on_features_equals_head_with_frozen_encoder(root, trained):
     _, audio = _params(root / "audio")
     _, feats = _params(root / "feats")
     assert "encoder" not in feats and set(feats) == set(audio) - {"encoder"}
-    for name in feats:  # layer_sum and head
+    assert any("dim" in name for name in feats), sorted(feats)  # the dimensional head
+    for name in feats:  # layer_sum and heads
         for a, b in zip(jax.tree.leaves(audio[name]), jax.tree.leaves(feats[name]),
                         strict=True):
             np.testing.assert_allclose(b, a, atol=2e-6, rtol=1e-5)
@@ -98,9 +101,11 @@ def test_encoder_reattached_for_predict_and_export(root, trained):
         np.testing.assert_array_equal(a, b)  # The same random initialisation, bit for bit.
     waves = [np.asarray(w, np.float32) for w in
              np.random.default_rng(0).normal(0, 0.1, (2, 12000))]
-    p_audio = Predictor.load(root / "audio", "latest").probabilities(waves)["probs"]
-    p_feats = Predictor.load(root / "feats", "latest").probabilities(waves)["probs"]
-    np.testing.assert_allclose(p_feats, p_audio, atol=1e-5)
+    p_audio = Predictor.load(root / "audio", "latest").probabilities(waves)
+    p_feats = Predictor.load(root / "feats", "latest").probabilities(waves)
+    for key in ("probs", "dims"):
+        assert p_feats[key].shape == p_audio[key].shape == (2, 6 if key == "probs" else 3)
+        np.testing.assert_allclose(p_feats[key], p_audio[key], atol=1e-5)
 
 
 def test_reader_batches_follow_the_audio_pipeline(root, trained):

@@ -38,8 +38,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxser.constants import SAMPLE_RATE
+from jaxser.data import dimensions, pipeline, records, shards
 from jaxser.data import features as features_lib
-from jaxser.data import pipeline, records, shards
 from jaxser.models import cached, ser_model
 from jaxser.train import probe, sharding
 from jaxser.train.experiment import Experiment
@@ -263,7 +263,8 @@ def extract(cfg, out_dir: str | Path | None = None, data_dir: str | Path | None 
     if done is not None:
         return dict(done, seconds=time.time() - start)
     cfg = probe.audio_config(cfg)
-    exp = Experiment(cfg, info["labels"], info.get("corpora", []), steps_per_epoch=1)
+    exp = Experiment(cfg, info["labels"], info.get("corpora", []), steps_per_epoch=1,
+                     dims=dimensions.names_of(info))
     identity, source, frame_layers = _identity(cfg, exp, options, info,
                                                (recorded or {}).get("source"))
     if jax.process_index() == 0:
