@@ -8,7 +8,11 @@ encoder re-attached."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -267,3 +271,47 @@ def test_extract_without_data_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="jaxser prepare"):
         extract.extract(cfg, tmp_path / "f")
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_extract_what_one_extracts(root, trained):
+    """`jaxser extract` over two processes (an explicit coordinator, 2 CPU devices each, one
+    shared folder): every record once, each host's chunks apart, the same features as the
+    one-process extraction of the `trained` fixture, and heads train on them."""
+    out, port = root / "two_hosts", _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "jaxser.cli", "extract", "--config", DEMO, "--out", str(out),
+         f"--config.data.dir={root / 'fold0'}", "--config.data.eval_batch=8",
+         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
+         str(rank)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for rank, (p, (_, err)) in enumerate(zip(procs, outs, strict=True)):
+        assert p.returncode == 0, f"process {rank} exited {p.returncode}:\n{err[-3000:]}"
+    summaries = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+    assert [s["extracted"] for s in summaries] == [16, 16]  # (counted over both hosts)
+    two, one = features_lib.FeatureStore.open(out), features_lib.FeatureStore.open(
+        root / "features")
+    assert {n.rsplit("-", 1)[1] for n in two.chunk_names()} == {"p0", "p1"}
+    assert sum(c.keys.size for c in two.chunks()) == 16  # no record written twice
+    assert sorted(two.key_table()) == sorted(one.key_table())
+    spec = features_lib.FeatureSpec(layers=tuple(range(one.num_layers)))
+    for split in ("train", "validation", "test"):
+        a = features_lib.SplitTable(two, two.find_view(None), split)
+        b = features_lib.SplitTable(one, one.find_view(None), split)
+        np.testing.assert_array_equal(a.meta["id"], b.meta["id"])
+        np.testing.assert_allclose(a.pooled(spec), b.pooled(spec), atol=1e-5)
+        for key in b.arrays:
+            np.testing.assert_array_equal(a.arrays[key], b.arrays[key], err_msg=key)
+    summary = loop.train(_cfg(root, DEMO, *FROZEN, f"--config.data.features={out}",
+                              f"--config.workdir={root / 'two_hosts_run'}",
+                              "--config.train.max_steps=2"))
+    assert summary["step"] == 2
