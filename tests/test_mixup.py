@@ -170,3 +170,30 @@ def test_energy_mixup_without_a_second_real_row_mixes_nothing():
     np.testing.assert_array_equal(np.asarray(single[0]), np.asarray(x[:1]))
     with pytest.raises(ValueError, match="valid"):
         mx.energy_adaptive_mixup(jax.random.key(0), x, lengths, labels, valid=one[:3])
+
+
+def test_classic_mixup_partners_are_real_rows():
+    """A padding row is never a real row's partner (it is a copy, or silence); padding rows
+    stay as they are; the partners of the real rows are a permutation of the real rows, and
+    every real row is drawn as a partner over seeds."""
+    x, lengths, labels, valid = _padded_batch()
+    real = np.flatnonzero(np.asarray(valid) > 0)
+    run = jax.jit(lambda k: mx.mixup(k, x, labels, lengths, alpha=0.4, valid=valid))
+    seen = {int(i): set() for i in real}
+    for seed in range(40):
+        out, y, _ = run(jax.random.key(seed))
+        perm = np.asarray(mx.real_permutation(jax.random.split(jax.random.key(seed))[0], 8,
+                                              valid))
+        assert sorted(perm[real]) == real.tolist()
+        np.testing.assert_array_equal(perm[5:], np.arange(5, 8))
+        for i in real:
+            classes = set(np.flatnonzero(np.asarray(y[i]) > 1e-7).tolist())
+            assert classes <= set(real.tolist()) and int(perm[i]) in classes | {int(i)}
+            seen[int(i)].add(int(perm[i]))
+        # (lam x + (1 - lam) x: x up to rounding)
+        np.testing.assert_allclose(np.asarray(out)[5:], np.asarray(x)[5:], atol=1e-6)
+        np.testing.assert_allclose(np.asarray(y)[5:], np.asarray(labels)[5:], atol=1e-6)
+    for i in real:
+        assert seen[int(i)] == set(real.tolist())
+    with pytest.raises(ValueError, match="valid"):
+        mx.mixup(jax.random.key(0), x, labels, lengths, valid=valid[:3])

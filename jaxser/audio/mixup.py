@@ -113,6 +113,20 @@ def energy_adaptive_mixup(
     return out, new_labels, info
 
 
+def real_permutation(key: jax.Array, b: int, valid: jax.Array | None = None) -> jax.Array:
+    """[b] int32: a uniform random permutation of the rows with `valid` > 0 among
+    themselves; every other row maps to itself."""
+    if valid is None:
+        return jax.random.permutation(key, b).astype(jnp.int32)
+    real = jnp.asarray(valid) > 0
+    # Real rows first in a random order, then the others in index order.
+    order = [jnp.argsort(jnp.where(real, jax.random.uniform(k, (b,)), 1.0 + jnp.arange(b)))
+             for k in jax.random.split(key)]
+    # The k-th real row of one random order is mixed with the k-th of the other; padding
+    # rows come last in both, in index order, so they pair with themselves.
+    return jnp.zeros((b,), jnp.int32).at[order[0]].set(order[1].astype(jnp.int32))
+
+
 def mixup(
         key: jax.Array,
         x: jax.Array,
@@ -120,10 +134,13 @@ def mixup(
         lengths: jax.Array | None = None,
         *,
         alpha: float = 0.4,
+        valid: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """Classic mixup (Zhang et al. 2018) of waveforms [B, N] or features [B, T, ...].
 
-    Partner j = a random permutation of the batch; lam_i ~ Beta(alpha, alpha) per example;
+    Partner j = a random permutation of the real rows (`valid` > 0; all rows without
+    `valid`): a padding row is never a partner and is its own, so it stays as it is;
+    lam_i ~ Beta(alpha, alpha) per example;
     x_i' = lam_i x_i + (1 - lam_i) x_j and y_i' = lam_i y_i + (1 - lam_i) y_j (convex, so
     label rows keep their sum). Both inputs start at time 0, so the mix is non-zero over the
     longer of the two: the new length is max(L_i, L_j) (padding stays zero if it was zero).
@@ -134,8 +151,10 @@ def mixup(
     if labels.shape[:1] != x.shape[:1]:
         raise ValueError(f"labels {labels.shape} and x {x.shape} differ in batch size")
     b = x.shape[0]
+    if valid is not None and valid.shape != (b,):
+        raise ValueError(f"valid {valid.shape} must be [B] for x {x.shape}")
     k_perm, k_lam = jax.random.split(key)
-    perm = jax.random.permutation(k_perm, b)
+    perm = real_permutation(k_perm, b, valid)
     lam = jax.random.beta(k_lam, alpha, alpha, (b,)).astype(jnp.float32)
     lam_x = lam.reshape((b,) + (1,) * (x.ndim - 1))
     mixed = (lam_x * x + (1.0 - lam_x) * x[perm]).astype(x.dtype)

@@ -83,7 +83,7 @@ def prepare_inputs(aug: Mapping, model: ser_model.SERModel, batch: Mapping, key:
             k_mix, audio, lengths, targets, valid=batch["valid"], prob=aug["mixup_p"])
     elif aug["mixup"] == "classic":
         audio, targets, lengths = mixup.mixup(k_mix, audio, targets, lengths,
-                                              alpha=aug["mixup_alpha"])
+                                              alpha=aug["mixup_alpha"], valid=batch["valid"])
     inputs, mask = ser_model.features(model.family, model.encoder_cfg, audio, lengths)
     if aug["specaugment"] and model.family == "whisper":
         inputs = augment.spec_augment(
