@@ -25,7 +25,16 @@ log = logging.getLogger(__name__)
 _WITH_OVERRIDES = ("train", "extract", "sweep")
 # Options of `jaxser train --folds K` (dest names); refused without --folds.
 _FOLD_OPTIONS = ("manifest", "data_root", "split_format", "taxonomy", "map",
-                 "neutral_smoothing", "seed", "workers", "split")
+                 "neutral_smoothing", "seed", "min_seconds", "max_seconds", "dimension_scale",
+                 "unknown_speakers", "workers", "split")
+# Options `jaxser prepare` and the fold driver's prepare share (the same help).
+_DIMENSION_SCALE_HELP = ("scales of arousal/valence/dominance: [CORPUS:][DIMENSION=]LO-HI,... "
+                         "e.g. 1-7 or iemocap:1-5 (default: the manifest's dimension_scale "
+                         "column, else inferred)")
+_UNKNOWN_SPEAKERS = ("auto", "reject", "utterance")
+_UNKNOWN_SPEAKERS_HELP = ("rows whose speaker is 'unknown': auto keeps them with a column: "
+                          "split and rejects them from splits that deal speakers; utterance "
+                          "makes each its own speaker")
 
 
 def cmd_generate(args) -> None:
@@ -80,9 +89,11 @@ def cmd_train(args, overrides: list[str]) -> None:
 
 def _fold_arguments(args) -> dict:
     """The keyword arguments of `folds.run_folds` from the fold options that were given."""
-    prepare_options = {key: getattr(args, name) for key, name in (
-        ("taxonomy", "taxonomy"), ("map_file", "map"), ("neutral_smoothing", "neutral_smoothing"),
-        ("seed", "seed"), ("workers", "workers")) if getattr(args, name) is not None}
+    names = {"map_file": "map", **{k: k for k in (
+        "taxonomy", "neutral_smoothing", "seed", "min_seconds", "max_seconds",
+        "dimension_scale", "unknown_speakers", "workers")}}
+    prepare_options = {key: getattr(args, name) for key, name in names.items()
+                       if getattr(args, name) is not None}
     options = {key: getattr(args, key) for key in ("split_format", "split")
                if getattr(args, key) is not None}
     return dict(manifests=args.manifest, **options, **prepare_options)
@@ -169,6 +180,12 @@ def _add_fold_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--neutral-smoothing", type=float, help="prepare: neutral mix (default 0)")
     g.add_argument("--seed", type=int, help="prepare: split seed, the same every fold "
                    "(default 0; the training seed is --config.seed)")
+    g.add_argument("--min-seconds", type=float, help="prepare: reject shorter audio "
+                   "(default 0.1)")
+    g.add_argument("--max-seconds", type=float, help="prepare: reject longer audio (default 60)")
+    g.add_argument("--dimension-scale", help="prepare: " + _DIMENSION_SCALE_HELP)
+    g.add_argument("--unknown-speakers", choices=_UNKNOWN_SPEAKERS,
+                   help="prepare: " + _UNKNOWN_SPEAKERS_HELP)
     g.add_argument("--workers", type=int, help="prepare: decoding processes (default 2)")
     g.add_argument("--split", help="split each fold is evaluated on (default test)")
 
@@ -220,14 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mix this fraction of neutral into every target")
     p.add_argument("--allow-speaker-overlap", action="store_true",
                    help="accept speakers in several splits (recorded and warned about)")
-    p.add_argument("--dimension-scale",
-                   help="scales of arousal/valence/dominance: [CORPUS:][DIMENSION=]LO-HI,... "
-                   "e.g. 1-7 or iemocap:1-5 (default: the manifest's dimension_scale column, "
-                   "else inferred)")
-    p.add_argument("--unknown-speakers", default="auto", choices=("auto", "reject", "utterance"),
-                   help="rows whose speaker is 'unknown': auto keeps them with a column: split "
-                   "and rejects them from splits that deal speakers; utterance makes each its "
-                   "own speaker")
+    p.add_argument("--dimension-scale", help=_DIMENSION_SCALE_HELP)
+    p.add_argument("--unknown-speakers", default="auto", choices=_UNKNOWN_SPEAKERS,
+                   help=_UNKNOWN_SPEAKERS_HELP)
     p.add_argument("--workers", type=int, default=2, help="decoding processes")
     p.set_defaults(func=cmd_prepare)
 

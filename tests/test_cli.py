@@ -60,3 +60,29 @@ def test_train_help_lists_the_fold_and_multihost_options(capsys):
     out = capsys.readouterr().out
     assert all(flag in out for flag in ("--folds", "--manifest", "--split-format",
                                         "--coordinator", "--num-processes"))
+
+
+def test_train_folds_passes_prepare_options(monkeypatch, tmp_path, capsys):
+    """The fold driver prepares each fold with the prepare options given (an MSP-Podcast or
+    IEMOCAP k-fold needs its dimension scale and its unknown-speaker rule)."""
+    from jaxser.data import prepare
+
+    calls = []
+
+    def fake_prepare(manifests, out, **kwargs):
+        calls.append(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(prepare, "prepare", fake_prepare)
+    code = cli.main(["train", "--config", "configs/demo.py:smoke", "--folds", "2",
+                     "--manifest", "m.csv", "--dimension-scale", "iemocap:1-5",
+                     "--unknown-speakers", "utterance", "--min-seconds", "0.5",
+                     "--max-seconds", "20", f"--config.workdir={tmp_path / 'w'}"])
+    assert code == 1 and "stop here" in capsys.readouterr().err
+    assert {k: calls[0][k] for k in ("dimension_scale", "unknown_speakers", "min_seconds",
+                                     "max_seconds", "split")} == {
+        "dimension_scale": "iemocap:1-5", "unknown_speakers": "utterance", "min_seconds": 0.5,
+        "max_seconds": 20.0, "split": "kfold:2:0"}
+    assert cli.main(["train", "--config", "configs/demo.py:smoke",
+                     "--dimension-scale", "1-7"]) == 1
+    assert "--dimension-scale: fold options" in capsys.readouterr().err
