@@ -133,12 +133,11 @@ def configure_compilation_cache(path: str, min_compile_secs: float | None = None
             directory = None
     wanted = None if directory is None else str(directory)
     max_size = int(max_gb * 2**30) if max_gb > 0 else -1
-    if jax.config.jax_compilation_cache_max_size != max_size:
-        jax.config.update("jax_compilation_cache_max_size", max_size)
-        cc.reset_cache()
-    if jax.config.jax_compilation_cache_dir != wanted:
+    now = (jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size)
+    if now != (wanted, max_size):
         jax.config.update("jax_compilation_cache_dir", wanted)
-        cc.reset_cache()  # JAX opens its cache once per process: reopen it at the new place
+        jax.config.update("jax_compilation_cache_max_size", max_size)
+        cc.reset_cache()  # JAX opens its cache once per process: reopen it with these
     if min_compile_secs is not None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
     if wanted is not None:

@@ -5,8 +5,8 @@ The encoder runs jitted on the training mesh over the evaluation batches of
 `jaxser.data.pipeline` (length buckets, sharded over the data axis, each record once), and
 keeps per utterance the masked mean of every hidden state (and their std with
 `extract.stats=mean_std`), plus the valid frames of `extract.frame_layers` in float16.
-Batch n+1 is dispatched before batch n is copied to the host and written, so the device
-never waits for the disk.
+`IN_FLIGHT` batches are dispatched before the oldest is copied to the host and written, so
+the device never waits for the disk or the host.
 
 What a feature folder guarantees:
 - Identity: features.json records the encoder (family, config with its compute dtype, and
@@ -23,6 +23,7 @@ What a feature folder guarantees:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -47,6 +48,9 @@ from jaxser.train.experiment import Experiment
 log = logging.getLogger(__name__)
 
 SECONDS_PER_PASS = {"whisper": 30.0}  # the longest input an encoder takes in one pass
+# Batches dispatched and not yet copied to the host: the device (or the CPU's cores) always
+# has the next ones queued while one batch's features are written.
+IN_FLIGHT = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,16 +354,16 @@ def _encode_missing(cfg, exp: Experiment, options: ExtractOptions,
         writer = _ChunkWriter(store, options.chunk, options.stats == "mean_std",
                               bool(frame_layers))
         seen: set = set()
-        seconds, start, pending = 0.0, time.time(), None
+        seconds, start, pending = 0.0, time.time(), collections.deque()
         with exp.mesh_context():
             for split, host in reader:
                 out = encode(params, exp.device_batch({"audio": host["audio"],
                                                        "length": host["length"]}))
-                if pending is not None:  # Copy batch n to the host while batch n+1 runs.
-                    seconds += _host_rows(exp, *pending, writer, seen)
-                pending = (host, out, split_keys[split])
-            if pending is not None:
-                seconds += _host_rows(exp, *pending, writer, seen)
+                pending.append((host, out, split_keys[split]))
+                if len(pending) > IN_FLIGHT:  # The oldest to the host while the rest run.
+                    seconds += _host_rows(exp, *pending.popleft(), writer, seen)
+            while pending:
+                seconds += _host_rows(exp, *pending.popleft(), writer, seen)
             writer.flush()
     finally:
         reader.close()
