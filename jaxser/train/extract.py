@@ -5,8 +5,8 @@ The encoder runs jitted on the training mesh over the evaluation batches of
 `jaxser.data.pipeline` (length buckets, sharded over the data axis, each record once), and
 keeps per utterance the masked mean of every hidden state (and their std with
 `extract.stats=mean_std`), plus the valid frames of `extract.frame_layers` in float16.
-`IN_FLIGHT` batches are dispatched before the oldest is copied to the host and written, so
-the device never waits for the disk or the host.
+`IN_FLIGHT` batches (one when frames are kept) are dispatched before the oldest is copied
+to the host and written, so the device never waits for the disk or the host.
 
 What a feature folder guarantees:
 - Identity: features.json records the encoder (family, config with its compute dtype, and
@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 
 SECONDS_PER_PASS = {"whisper": 30.0}  # the longest input an encoder takes in one pass
 # Batches dispatched and not yet copied to the host: the device (or the CPU's cores) always
-# has the next ones queued while one batch's features are written.
+# has the next ones queued while one batch's features are written. With frames kept, whose
+# outputs are large (all layers of a long batch: GBs), one.
 IN_FLIGHT = 3
 
 
@@ -354,13 +355,14 @@ def _encode_missing(cfg, exp: Experiment, options: ExtractOptions,
         writer = _ChunkWriter(store, options.chunk, options.stats == "mean_std",
                               bool(frame_layers))
         seen: set = set()
+        in_flight = 1 if frame_layers else IN_FLIGHT
         seconds, start, pending = 0.0, time.time(), collections.deque()
         with exp.mesh_context():
             for split, host in reader:
                 out = encode(params, exp.device_batch({"audio": host["audio"],
                                                        "length": host["length"]}))
                 pending.append((host, out, split_keys[split]))
-                if len(pending) > IN_FLIGHT:  # The oldest to the host while the rest run.
+                if len(pending) > in_flight:  # The oldest to the host while the rest run.
                     seconds += _host_rows(exp, *pending.popleft(), writer, seen)
             while pending:
                 seconds += _host_rows(exp, *pending.popleft(), writer, seen)
