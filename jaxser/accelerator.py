@@ -105,8 +105,7 @@ def compilation_cache_dir(path: str) -> Path | None:
     return Path(os.path.expandvars(os.path.expanduser(path))).absolute()
 
 
-def configure_compilation_cache(path: str, min_compile_secs: float | None = None,
-                                max_gb: float = 0.0) -> Path | None:
+def configure_compilation_cache(path: str, min_compile_secs: float | None = None) -> Path | None:
     """Points JAX's persistent compilation cache at `path` ('' turns it off).
 
     Compiled executables (train and eval steps, every bucket) are written there and read
@@ -114,9 +113,7 @@ def configure_compilation_cache(path: str, min_compile_secs: float | None = None
     second run skips compiling. The directory should be on a local disk, private to the
     user (the cache is trusted code). JAX caches only compilations that took at least
     `jax_persistent_cache_min_compile_time_secs` (1 s by default; `min_compile_secs`
-    changes it). `max_gb` > 0 bounds the folder: past it, JAX deletes the least recently
-    used entries (`jax_compilation_cache_max_size`); 0 or less: no bound.
-    A directory that cannot be created turns the cache off with a warning.
+    changes it). A directory that cannot be created turns the cache off with a warning.
     With the default `path` (DEFAULT_COMPILATION_CACHE), a JAX_COMPILATION_CACHE_DIR set
     in the environment wins; any other path in the config wins over it.
     Returns the directory in use, or None.
@@ -132,12 +129,9 @@ def configure_compilation_cache(path: str, min_compile_secs: float | None = None
             log.warning("compilation cache off: cannot create %s (%s)", directory, e)
             directory = None
     wanted = None if directory is None else str(directory)
-    max_size = int(max_gb * 2**30) if max_gb > 0 else -1
-    now = (jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size)
-    if now != (wanted, max_size):
+    if jax.config.jax_compilation_cache_dir != wanted:
         jax.config.update("jax_compilation_cache_dir", wanted)
-        jax.config.update("jax_compilation_cache_max_size", max_size)
-        cc.reset_cache()  # JAX opens its cache once per process: reopen it with these
+        cc.reset_cache()  # JAX opens its cache once per process: reopen it at the new place
     if min_compile_secs is not None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
     if wanted is not None:

@@ -146,7 +146,6 @@ def base_config() -> ConfigDict:
     c.train.patience = 0  # Evaluations without improvement before stopping; 0: off.
     c.train.async_checkpoints = True  # Save checkpoints in the background.
     c.train.compilation_cache = "~/.cache/jaxser/xla"  # Persistent XLA compile cache; "": off.
-    c.train.compilation_cache_gb = 4.0  # Its bound (least recently used deleted); 0: none.
 
     c.extract = ConfigDict()  # `jaxser extract`: what a feature folder keeps.
     c.extract.stats = "mean"  # Per-layer statistics over valid frames: mean | mean_std.

@@ -136,8 +136,7 @@ from jaxser import accelerator
 hits = []
 jax.monitoring.register_event_listener(
     lambda event, **kw: hits.append(event) if event.endswith("cache_hits") else None)
-accelerator.configure_compilation_cache(sys.argv[1], min_compile_secs=0,
-                                        max_gb=float(sys.argv[2]))
+accelerator.configure_compilation_cache(sys.argv[1], min_compile_secs=0)
 
 def f(x):
     for i in range(40):  # enough ops for a compilation worth caching
@@ -145,18 +144,16 @@ def f(x):
     return x.sum()
 
 t0 = time.perf_counter()
-for n in sys.argv[3:]:  # one program per shape
-    jax.jit(f).lower(jnp.ones((int(n), 64))).compile()
+jax.jit(f).lower(jnp.ones((64, 64))).compile()
 print(json.dumps({"compile_s": time.perf_counter() - t0, "hits": len(hits),
                   "dir": jax.config.jax_compilation_cache_dir}))
 """
 
 
-def _probe(cache: Path, max_gb: float = 0.0, shapes=(64,)) -> dict:
+def _probe(cache: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    out = subprocess.run([sys.executable, "-c", _CACHE_PROBE, str(cache), str(max_gb),
-                          *map(str, shapes)], cwd=ROOT, env=env, capture_output=True,
-                         text=True, check=True, timeout=300).stdout
+    out = subprocess.run([sys.executable, "-c", _CACHE_PROBE, str(cache)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True, timeout=300).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -168,23 +165,6 @@ def test_a_second_identical_run_in_a_fresh_process_hits_the_compilation_cache(tm
     second = _probe(cache)
     assert second["hits"] >= 1
     assert second["compile_s"] < first["compile_s"]
-
-
-def _entries(cache: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_size for p in cache.iterdir() if p.name.endswith("-cache")}
-
-
-def test_compilation_cache_is_bounded(tmp_path):
-    """Past train.compilation_cache_gb the least recently used programs are deleted."""
-    unbounded = tmp_path / "all"
-    _probe(unbounded, 0.0, (64, 32, 16))
-    every = _entries(unbounded)
-    assert len(every) >= 3  # the three programs (and jax's small helpers)
-    bounded = tmp_path / "bounded"
-    limit = sum(every.values()) // 2 + max(every.values())  # room for part of them
-    _probe(bounded, limit / 2**30, (64, 32, 16))
-    kept = _entries(bounded)
-    assert 1 <= len(kept) < len(every) and sum(kept.values()) <= limit
 
 
 def test_compilation_cache_dir_expansion_and_off(tmp_path, monkeypatch):

@@ -8,15 +8,14 @@ encoder re-attached."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
+from _worker import free_port, subprocess_env
 
 from jaxser import cli, folds, report
 from jaxser import config as config_lib
@@ -273,20 +272,12 @@ def test_extract_without_data_refused(tmp_path):
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_extract_what_one_extracts(root, trained):
     """`jaxser extract` over two processes (an explicit coordinator, 2 CPU devices each, one
     shared folder): every record once, each host's chunks apart, the same features as the
     one-process extraction of the `trained` fixture, and heads train on them."""
-    out, port = root / "two_hosts", _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    out, port, env = root / "two_hosts", free_port(), subprocess_env(devices=2)
     procs = [subprocess.Popen(
         [sys.executable, "-m", "jaxser.cli", "extract", "--config", DEMO, "--out", str(out),
          f"--config.data.dir={root / 'fold0'}", "--config.data.eval_batch=8",

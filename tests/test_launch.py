@@ -3,12 +3,12 @@ the Slurm script starts them (explicit coordinator on 127.0.0.1, 2 CPU devices e
 Slurm batch step and the TPU script issue the right commands (fake srun / scontrol / gcloud)."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _worker import free_port
 
 from jaxser.data import prepare, synthetic
 
@@ -62,16 +62,10 @@ def test_local_runs_smoke_config(data_dir, tmp_path):
     assert "mesh {'data': 2" in log, log
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_start_like_slurm(data_dir, tmp_path):
     """What each Slurm task runs: SLURM_* variables, an explicit coordinator, 2 devices each."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         env = _env(JAXSER_SLURM_TASK="1", SLURM_JOB_ID="4242", SLURM_NTASKS="2",

@@ -58,8 +58,7 @@ class Experiment:
         self.labels, self.corpora = list(labels), list(corpora)
         self.dims = list(dims) if cfg.model.get("dims_head", False) else []
         self.class_weights = class_weights
-        accelerator.configure_compilation_cache(cfg.train.get("compilation_cache", ""),
-                                                max_gb=cfg.train.get("compilation_cache_gb", 0.0))
+        accelerator.configure_compilation_cache(cfg.train.get("compilation_cache", ""))
         self.mesh = sharding.make_mesh(cfg.mesh)
         self.rules = sharding.rules_tuple(cfg.mesh.rules)
         self.dp = sharding.data_parallel_size(self.mesh, self.rules)
