@@ -24,9 +24,10 @@ log = logging.getLogger(__name__)
 # Subcommands that take --config.a.b=value overrides.
 _WITH_OVERRIDES = ("train", "extract", "sweep")
 # Options of `jaxser train --folds K` (dest names); refused without --folds.
-_FOLD_OPTIONS = ("manifest", "data_root", "split_format", "taxonomy", "map",
-                 "neutral_smoothing", "seed", "min_seconds", "max_seconds", "dimension_scale",
-                 "unknown_speakers", "workers", "split")
+# Of those, the ones each fold's `prepare.prepare` takes (`map` is its `map_file`).
+_PREPARE_OPTIONS = ("taxonomy", "map", "neutral_smoothing", "seed", "min_seconds",
+                    "max_seconds", "dimension_scale", "unknown_speakers", "workers")
+_FOLD_OPTIONS = ("manifest", "data_root", "split_format", "split", *_PREPARE_OPTIONS)
 # Options `jaxser prepare` and the fold driver's prepare share (the same help).
 _DIMENSION_SCALE_HELP = ("scales of arousal/valence/dominance: [CORPUS:][DIMENSION=]LO-HI,... "
                          "e.g. 1-7 or iemocap:1-5 (default: the manifest's dimension_scale "
@@ -89,11 +90,8 @@ def cmd_train(args, overrides: list[str]) -> None:
 
 def _fold_arguments(args) -> dict:
     """The keyword arguments of `folds.run_folds` from the fold options that were given."""
-    names = {"map_file": "map", **{k: k for k in (
-        "taxonomy", "neutral_smoothing", "seed", "min_seconds", "max_seconds",
-        "dimension_scale", "unknown_speakers", "workers")}}
-    prepare_options = {key: getattr(args, name) for key, name in names.items()
-                       if getattr(args, name) is not None}
+    prepare_options = {"map_file" if name == "map" else name: getattr(args, name)
+                       for name in _PREPARE_OPTIONS if getattr(args, name) is not None}
     options = {key: getattr(args, key) for key in ("split_format", "split")
                if getattr(args, key) is not None}
     return dict(manifests=args.manifest, **options, **prepare_options)

@@ -308,7 +308,7 @@ def layer_sweep(config_spec: str, overrides: Sequence[str], folds: int,
     data_root = Path(data_root or default_data_root(base.data.dir))
     if manifests:
         prepare_folds(manifests, data_root, folds, split_format=split_format,
-                                **prepare_options)
+                      **prepare_options)
     first = config_lib.load_config(config_spec, [*overrides,
                                                  f"--config.data.dir={data_root / 'fold0'}"])
     extract.extract(first)  # The layer count; the other folds reuse it (by record).
@@ -325,7 +325,7 @@ def layer_sweep(config_spec: str, overrides: Sequence[str], folds: int,
     for name, extra in runs:
         log.info("layer sweep: %s", name if name == "weighted" else f"layer {name}")
         summary = run_folds(config_spec, [*overrides, *extra], folds, data_root,
-                                      split_format=split_format, split=split)
+                            split_format=split_format, split=split)
         rows.append(_sweep_row(name, summary))
     sweep = {"config": config_spec, "overrides": list(overrides), "folds": folds,
              "features": str(base.data.features), "data_root": str(data_root),
